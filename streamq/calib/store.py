@@ -1,0 +1,246 @@
+"""Activation store: the hidden states entering a block, one [1, seqlen, hidden] sample at a time.
+
+Two slots, "a" and "b", ping-pong: block i reads one and writes the other, so the slot a manifest
+points at is never being written. On disk it is a zarr v3 group (one array per slot, one chunk file per
+sample); in RAM, two torch tensors with the same API.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import zarr
+
+from streamq.errors import StreamqError
+
+SLOTS = ("a", "b")
+FORMAT = "streamq-activations"
+VERSION = 1
+# zarr has no bfloat16: its raw bits go in as uint16 and are viewed back on read.
+STORED_AS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "uint16"}
+DTYPES = {str(d).removeprefix("torch."): d for d in STORED_AS}
+# Every chunk becomes a file, even an all-zero one, so "file exists" means "sample was written".
+ZARR_CONFIG = {"write_empty_chunks": True}
+
+
+class ActivationStore:
+    """Slots "a"/"b" of shape [nsamples, seqlen, hidden] in the model's dtype (float32/float16/bfloat16)."""
+
+    def __init__(self, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
+                 path: str | None, arrays: dict | None, tensors: dict | None):
+        self.nsamples, self.seqlen, self.hidden, self.dtype = nsamples, seqlen, hidden, dtype
+        self._path = path
+        self._arrays = arrays  # slot -> zarr.Array, on disk
+        self._tensors = tensors  # slot -> Tensor, in RAM
+        # In RAM only; on disk a sample's chunk file is the record of it being written.
+        self._written = {s: torch.zeros(nsamples, dtype=torch.bool) for s in SLOTS} if tensors is not None else None
+
+    @classmethod
+    def on_disk(cls, path: str, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
+                create: bool) -> ActivationStore:
+        """Create a fresh store in folder ``path`` (replacing an old store there), or with create=False
+        reopen one for a resumed run, refusing it unless shape and dtype match."""
+        _check_layout(nsamples, seqlen, hidden, dtype)
+        name = _dtype_name(dtype)
+        shape = (nsamples, seqlen, hidden)
+        if create:
+            _clear_for_create(path)
+            try:
+                root = zarr.open_group(zarr.storage.LocalStore(path), mode="w-", attributes={
+                    "format": FORMAT, "version": VERSION, "shape": list(shape), "torch_dtype": name})
+                arrays = {s: root.create_array(
+                    s, shape=shape, chunks=(1, seqlen, hidden), dtype=STORED_AS[dtype],
+                    # No compression: activations are high-entropy floats that barely compress, and the
+                    # store sits on the per-block critical path where codec time would dominate.
+                    compressors=None, filters=None, fill_value=0,
+                    chunk_key_encoding={"name": "default", "separator": "/"},
+                    attributes={"torch_dtype": name}, config=ZARR_CONFIG) for s in SLOTS}
+            except OSError as e:
+                raise StreamqError(f"activation store {path}: cannot create ({e})") from None
+            return cls(nsamples, seqlen, hidden, dtype, path, arrays, None)
+        if not _is_store(path):
+            raise StreamqError(f"activation store {path}: not found (cannot resume from it)")
+        root = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        attrs = root.attrs.asdict()
+        if attrs.get("version") != VERSION or attrs.get("shape") != list(shape) or attrs.get("torch_dtype") != name:
+            raise StreamqError(f"activation store {path}: holds {attrs.get('shape')} {attrs.get('torch_dtype')} "
+                               f"(version {attrs.get('version')}), this run needs {list(shape)} {name}")
+        arrays = {}
+        for s in SLOTS:
+            if s not in root:
+                raise StreamqError(f"activation store {path}: slot {s} is missing")
+            arr = root[s]
+            if (arr.shape != shape or arr.chunks != (1, seqlen, hidden) or arr.dtype != np.dtype(STORED_AS[dtype])
+                    or arr.attrs.get("torch_dtype") != name):
+                raise StreamqError(f"activation store {path}: slot {s} is {arr.shape} {arr.dtype}, "
+                                   f"this run needs {shape} {name}")
+            arrays[s] = arr.with_config(ZARR_CONFIG)
+        return cls(nsamples, seqlen, hidden, dtype, path, arrays, None)
+
+    @classmethod
+    def in_ram(cls, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> ActivationStore:
+        """Both slots as CPU tensors: 2 * nsamples * nbytes_per_sample bytes allocated now."""
+        _check_layout(nsamples, seqlen, hidden, dtype)
+        tensors = {s: torch.empty(nsamples, seqlen, hidden, dtype=dtype) for s in SLOTS}
+        return cls(nsamples, seqlen, hidden, dtype, None, None, tensors)
+
+    @property
+    def path(self) -> str | None:
+        """The store's folder; None in RAM."""
+        return self._path
+
+    @property
+    def nbytes_per_sample(self) -> int:
+        """Bytes of one [1, seqlen, hidden] sample."""
+        return self.seqlen * self.hidden * self.dtype.itemsize
+
+    @staticmethod
+    def other(slot: str) -> str:
+        """The slot a block writes when it reads ``slot``."""
+        _check_slot(slot)
+        return "b" if slot == "a" else "a"
+
+    def read(self, slot: str, i: int) -> torch.Tensor:
+        """Sample i of ``slot``: [1, seqlen, hidden] CPU tensor of the store's dtype (a copy)."""
+        self._check_index(slot, i)
+        if self._tensors is not None:
+            if not self._written[slot][i]:
+                raise StreamqError(f"activation store (RAM): sample {i} of slot {slot} was never written")
+            return self._tensors[slot][i:i + 1].clone()
+        if not os.path.exists(self._chunk_file(slot, i)):
+            raise StreamqError(f"activation store {self._path}: sample {i} of slot {slot} was never written")
+        x = torch.from_numpy(self._arrays[slot][i:i + 1])
+        return x.view(self.dtype) if self.dtype == torch.bfloat16 else x
+
+    def write(self, slot: str, i: int, x: torch.Tensor) -> None:
+        """Store x: [1, seqlen, hidden] of exactly the store's dtype, on any device, as sample i."""
+        self._check_index(slot, i)
+        if x.dtype != self.dtype or tuple(x.shape) != (1, self.seqlen, self.hidden):
+            raise StreamqError(f"activation store: sample {i} is {tuple(x.shape)} {x.dtype}, "
+                               f"the store holds (1, {self.seqlen}, {self.hidden}) {self.dtype}")
+        x = x.detach().to("cpu")
+        if self._tensors is not None:
+            self._tensors[slot][i:i + 1].copy_(x)
+            self._written[slot][i] = True
+            return
+        if self.dtype == torch.bfloat16:
+            x = x.view(torch.uint16)
+        try:
+            self._arrays[slot][i:i + 1] = x.contiguous().numpy()
+        except OSError as e:  # full disk, removed folder
+            raise StreamqError(f"activation store {self._path}: cannot write sample {i} of slot {slot} ({e})") from None
+
+    def flush(self, slot: str) -> None:
+        """Make ``slot`` durable before a manifest points at it: fsync each chunk file, the metadata and
+        the folders (zarr writes by rename, which a folder fsync makes durable). Raises if a sample was
+        never written, so a manifest cannot point at a partial slot. In RAM only the check runs."""
+        _check_slot(slot)
+        missing = [i for i in range(self.nsamples) if not self._has(slot, i)]
+        if missing:
+            where = self._path or "(RAM)"
+            raise StreamqError(f"activation store {where}: slot {slot} lacks samples {missing[:8]}"
+                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} of {self.nsamples})")
+        if self._path is None:
+            return
+        slot_dir = os.path.join(self._path, slot)
+        for folder, _, files in os.walk(slot_dir, topdown=False):
+            for name in files:
+                if not name.endswith(".partial"):  # a write interrupted before its rename
+                    _fsync(os.path.join(folder, name))
+            _fsync(folder)
+        _fsync(os.path.join(self._path, "zarr.json"))
+        _fsync(self._path)
+
+    def iter_samples(self, slot: str, prefetch: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (i, sample [1, seqlen, hidden]) for i = 0..nsamples-1; with prefetch, sample i+1 is read
+        on a background thread while the caller works on sample i."""
+        _check_slot(slot)
+        if not prefetch:
+            for i in range(self.nsamples):
+                yield i, self.read(slot, i)
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-prefetch")
+        try:
+            ahead = pool.submit(self.read, slot, 0)
+            for i in range(self.nsamples):
+                x = ahead.result()
+                if i + 1 < self.nsamples:
+                    ahead = pool.submit(self.read, slot, i + 1)
+                yield i, x
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def delete(self) -> None:
+        """Remove the folder on disk (or drop the tensors in RAM); the store is unusable afterwards."""
+        if self._path is not None and os.path.isdir(self._path):
+            shutil.rmtree(self._path)
+        self._arrays = self._tensors = None
+
+    def _has(self, slot: str, i: int) -> bool:
+        if self._tensors is not None:
+            return bool(self._written[slot][i])
+        return os.path.exists(self._chunk_file(slot, i))
+
+    def _chunk_file(self, slot: str, i: int) -> str:
+        # Pinned by chunk_key_encoding "default" with "/" separator: <slot>/c/<sample>/0/0.
+        return os.path.join(self._path, slot, "c", str(i), "0", "0")
+
+    def _check_index(self, slot: str, i: int) -> None:
+        _check_slot(slot)
+        if self._arrays is None and self._tensors is None:
+            raise StreamqError("activation store: used after delete()")
+        if not 0 <= i < self.nsamples:
+            raise StreamqError(f"activation store: sample {i} out of range [0, {self.nsamples})")
+
+
+def _check_slot(slot: str) -> None:
+    if slot not in SLOTS:
+        raise StreamqError(f"activation store: slot {slot!r} is not one of {SLOTS}")
+
+
+def _check_layout(nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> None:
+    if min(nsamples, seqlen, hidden) < 1:
+        raise StreamqError(f"activation store: shape ({nsamples}, {seqlen}, {hidden}) must be positive")
+    _dtype_name(dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in STORED_AS:
+        raise StreamqError(f"activation store: dtype {dtype} unsupported (use {', '.join(DTYPES)})")
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_store(path: str) -> bool:
+    meta = os.path.join(path, "zarr.json")
+    if not os.path.isfile(meta):
+        return False
+    try:
+        attrs = zarr.open_group(zarr.storage.LocalStore(path), mode="r").attrs.asdict()
+    except Exception:  # any unreadable metadata means "not one of ours"
+        return False
+    return attrs.get("format") == FORMAT
+
+
+def _clear_for_create(path: str) -> None:
+    """Remove an old store at path; refuse to touch a file or a non-empty folder that is not a store."""
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise StreamqError(f"activation store {path}: exists and is not a folder")
+    if _is_store(path):
+        shutil.rmtree(path)
+    elif os.listdir(path):
+        raise StreamqError(f"activation store {path}: folder is not empty and holds no activation store")
+
+
+def _fsync(path: str) -> None:
+    # Folders are opened read-only too: on POSIX that is how a directory entry is made durable.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,129 @@
+"""`streamq` command line: argparse -> one package function per command; no logic here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from streamq.errors import StreamqError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '512MiB' -> 2**29; a bare number is bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (argparse would print the whole usage)
+        sys.stderr.write(f"streamq: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="streamq", description="Compress LLMs block by block on machines too small to hold them.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format folder")
+    c.add_argument("model", help="source model folder (config.json + *.safetensors)")
+    c.add_argument("out", help="output folder")
+    c.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    c.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = per channel")
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    c.add_argument("--act-order", action="store_true", help="quantize columns by descending Hessian diagonal")
+    c.add_argument("--static-groups", action="store_true", help="with --act-order: fit group grids up front")
+    c.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (0.01)")
+    c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="collect all Hessians of a block in one pass")
+    c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
+                   "default: the shipped Jane Austen excerpt")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
+    c.add_argument("--seed", type=int, default=0)
+    _add_compute_flags(c, offload_default="disk")
+    c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (5GB)")
+    resume = c.add_mutually_exclusive_group()
+    resume.add_argument("--restart", dest="resume", action="store_const", const="restart", default="auto",
+                        help="discard an earlier run's state in OUT")
+    resume.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                        help="refuse to touch an existing OUT")
+    c.add_argument("--keep-activations", action="store_true", help="keep the activation store after the run")
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+
+    e = sub.add_parser("eval", help="streaming perplexity of a source or compressed folder")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, help="text file (stride = seqlen windows)")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None, help="only the first N windows")
+    _add_compute_flags(e, offload_default="ram")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+
+    g = sub.add_parser("generate", help="greedy continuation by a compressed model")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--device", default="cpu")
+
+    d = sub.add_parser("demo", help="fetch SmolLM2-135M, compress it, compare perplexity, generate")
+    d.add_argument("--out", default=None, help="output folder (default: in the streamq cache)")
+    d.add_argument("--bits", type=int, default=4)
+    d.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    return p
+
+
+def _add_compute_flags(p: argparse.ArgumentParser, offload_default: str) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
+    p.add_argument("--offload", default=offload_default, choices=["disk", "ram"],
+                   help=f"where block activations live ({offload_default})")
+
+
+def run(args: argparse.Namespace) -> int:
+    import streamq
+
+    if args.command == "compress":
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "out", "method")}
+        out = streamq.compress(args.model, args.out, method=args.method, **kwargs)
+        print(f"wrote {out}")
+    elif args.command == "eval":
+        ppl = streamq.evaluate(args.model, args.data, args.seqlen, max_windows=args.max_windows, device=args.device,
+                               dtype=args.dtype, offload=args.offload, progress=args.progress)
+        print(f"perplexity {ppl:.4f}")
+    elif args.command == "generate":
+        from streamq.loading import generate
+
+        print(args.prompt + generate(args.model, args.prompt, args.max_new_tokens, args.device))
+    elif args.command == "demo":
+        from streamq.demo import run_demo
+
+        run_demo(args.out, args.bits, args.method)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except StreamqError as e:
+        if args.debug:
+            raise
+        print(f"streamq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

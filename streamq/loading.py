@@ -1,0 +1,41 @@
+"""Load a streamq (GPTQ-format) output folder as a runnable transformers model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from streamq.errors import StreamqError
+from streamq.io.blocks import build_layout, materialize
+from streamq.io.checkpoint import Checkpoint
+from streamq.pipeline import load_tokenizer, resolve_device
+from streamq.qlinear import replace_linears
+
+
+def load_quantized(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The model of a GPTQ-format folder: transformers' class, block Linears replaced by QuantLinear.
+
+    Everything not quantized (embeddings, norms, head) is cast to dtype; packed tensors stay as stored.
+    """
+    ckpt = Checkpoint(folder)
+    q = ckpt.config.get("quantization_config") or {}
+    if q.get("quant_method") != "gptq":
+        raise StreamqError(f"{folder}: not a GPTQ-format folder (config.json has no gptq quantization_config)")
+    layout = build_layout(ckpt)
+    with torch.device("meta"):
+        for block in layout.layers:
+            replace_linears(block, q["bits"], q["group_size"])
+    model = materialize(layout.model, "", ckpt, layout, resolve_device(device), dtype)
+    model.config.use_cache = True
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(folder: str | Path, prompt: str, max_new_tokens: int = 40, device: str = "cpu") -> str:
+    """Greedy continuation of prompt by the compressed model in folder."""
+    model = load_quantized(folder, device)
+    tokenizer = load_tokenizer(Path(folder))
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,333 @@
+"""compress(): the only loop over decoder blocks, and the only place the pieces are tied together."""
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamq import __version__
+from streamq.calib.capture import ModelEnds, run_block
+from streamq.calib.data import calibration_windows, token_hash
+from streamq.calib.store import ActivationStore
+from streamq.config import QuantConfig
+from streamq.errors import StreamqError
+from streamq.formats.gptq import pack_gptq, packed_shapes
+from streamq.io.blocks import ModelLayout, block_names, build_layout, load_block, non_block_names, release_block
+from streamq.io.checkpoint import DTYPES, Checkpoint
+from streamq.io.manifest import read_json, write_json_atomic
+from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
+from streamq.progress import BlockProgress
+from streamq.quant.block import quantize_block
+from streamq.quant.grid import check_group_size
+
+MANIFEST = "streamq_manifest.json"
+REPORT = "streamq_report.json"
+WORK_DIR = ".streamq-work"
+DEFAULT_CALIB = Path(__file__).parent / "data" / "calib.txt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything about a run except the method. Units: shard_size in bytes; seqlen in tokens."""
+
+    calib: str | None = None  # path or spec string; None = the shipped calibration text
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # compute dtype: auto = float32 on CPU, the checkpoint's 16-bit dtype on GPU
+    offload: str = "disk"  # where block inputs live: disk (zarr) | ram
+    shard_size: int = 5 * 10**9
+    resume: str = "auto"  # auto: continue a matching run | restart: discard it | never: refuse a used folder
+    keep_activations: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.offload not in ("disk", "ram"):
+            raise StreamqError(f"--offload {self.offload!r}: choose disk or ram")
+        if self.nsamples < 1 or self.seqlen < 1:
+            raise StreamqError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: both must be positive")
+        if self.shard_size < 1:
+            raise StreamqError(f"--shard-size {self.shard_size}: must be positive")
+        if self.resume not in ("auto", "restart", "never"):
+            raise StreamqError(f"resume mode {self.resume!r}: choose auto, restart or never")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StreamqError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StreamqError(f"--device {name}: no CUDA GPU is visible to torch")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if str(ckpt.config.get("dtype", ckpt.config.get("torch_dtype"))) == "bfloat16" else torch.float16
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise StreamqError(f"--dtype {name!r}: choose auto, float32, float16 or bfloat16")
+    return table[name]
+
+
+def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> list[Unit]:
+    """Every output tensor's name, dtype and shape, known before any block runs; checks every layer."""
+    units = []
+    for i in range(layout.n_blocks):
+        prefix = layout.block_prefix(i)
+        linears = layout.block_linears(i)
+        needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
+        missing = sorted(needed - set(ckpt.tensors))
+        if missing:
+            raise StreamqError(f"{ckpt.folder}: tensor {missing[0]} is missing from the checkpoint")
+        quantized = {prefix + n + ".weight": (n, m) for n, m in linears.items()}
+        specs = []
+        for name in block_names(layout, ckpt, i):
+            if name in quantized:
+                lin_name, lin = quantized[name]
+                check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
+                try:
+                    shapes = packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
+                except StreamqError as e:
+                    raise StreamqError(f"{prefix}{lin_name}: {e}") from None
+                stem = name[: -len("weight")]
+                specs += [TensorSpec(stem + k, dtype, shape) for k, (shape, dtype) in shapes.items()]
+            else:
+                info = ckpt.tensors[name]
+                specs.append(TensorSpec(name, DTYPES[info.dtype], info.shape))
+        units.append(Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name))))
+    rest = [TensorSpec(n, DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in non_block_names(layout, ckpt)]
+    units.append(Unit("rest", tuple(sorted(rest, key=lambda s: s.name))))
+    return units
+
+
+def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict, bits: int) -> dict[str, torch.Tensor]:
+    """Block i's output tensors: packed GPTQ tensors for its Linears, everything else copied unchanged."""
+    prefix = layout.block_prefix(i)
+    out = {}
+    for lin_name, (result, _) in results.items():
+        for k, t in pack_gptq(result, bits).items():
+            out[f"{prefix}{lin_name}.{k}"] = t.cpu()
+    packed_weights = {f"{prefix}{n}.weight" for n in results}
+    for name in block_names(layout, ckpt, i):
+        if name not in packed_weights:
+            out[name] = ckpt.get(name)
+    return out
+
+
+def fingerprint(ckpt: Checkpoint, cfg: QuantConfig, opts: RunOptions, tokens: torch.Tensor | None,
+                dtype: torch.dtype) -> dict:
+    """What decides the output bytes; a resume must match it part by part."""
+    return {
+        "source model": ckpt.fingerprint(),
+        "method": cfg.to_dict(),
+        "calibration": None if tokens is None else f"{tuple(tokens.shape)} {token_hash(tokens)}",
+        "compute dtype": str(dtype),
+        "shard size": opts.shard_size,
+        "streamq version": __version__,
+    }
+
+
+def open_output(out: Path, fp: dict, resume: str) -> dict:
+    """Create, resume or refuse the output folder. Returns the manifest to continue from."""
+    manifest_path = out / MANIFEST
+    fresh = {"fingerprint": fp, "next_block": 0, "slot": "a", "units": {}, "blocks": {}, "complete": False}
+    if out.exists() and any(out.iterdir()):
+        if not manifest_path.exists():
+            raise StreamqError(f"{out}: folder exists and is not a streamq output; choose an empty or new folder")
+        if resume == "never":
+            raise StreamqError(f"{out}: holds an earlier run; remove it, or drop --no-resume to continue it")
+        if resume == "restart":
+            shutil.rmtree(out)
+        else:
+            manifest = read_json(manifest_path)
+            changed = [k for k in fp if manifest["fingerprint"].get(k) != fp[k]]
+            if changed:
+                raise StreamqError(f"{out}: belongs to another run ({', '.join(changed)} changed); "
+                                   "use --restart to discard it or choose another folder")
+            return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest_path, fresh)
+    return fresh
+
+
+def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(), opts: RunOptions = RunOptions()) -> Path:
+    """Compress the model folder `model` into the GPTQ-format folder `out`, one decoder block at a time.
+
+    1. Open the source: safetensors headers checked, skeleton built on the meta device, every layer checked
+       against the config and the output tensors planned into shards.
+    2. Tokenize the calibration windows (GPTQ only; RTN is data-free).
+    3. Open the output folder: fresh, or resumed from its manifest when the run fingerprint matches.
+    4. Capture block-0 inputs into the activation store (skipped when resuming past block 0).
+    5. Per block: materialize, quantize, write its outputs (next block's inputs) to the other store slot,
+       write its packed tensors into their shard, then record it in the manifest. Data first, manifest last.
+    6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
+    """
+    out = Path(out)
+    ckpt = Checkpoint(model)  # 1
+    layout = build_layout(ckpt)
+    units = plan_units(layout, ckpt, cfg)
+    writer = ShardWriter(out, plan_shards(units, opts.shard_size))
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device, ckpt)
+
+    tokens = None  # 2
+    if cfg.method != "rtn":
+        tokenizer = load_tokenizer(ckpt.folder)
+        tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
+
+    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), opts.resume)  # 3
+    if manifest["complete"]:
+        return out
+    writer.folder.mkdir(parents=True, exist_ok=True)
+    check_written_units(writer, manifest)
+    store, kwargs = None, {}
+    if tokens is not None:
+        store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest)  # 4
+
+    progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
+    for i in range(manifest["next_block"], layout.n_blocks):  # 5
+        start = time.perf_counter()
+        block = load_block(layout, ckpt, i, device, dtype)
+        slot = manifest["slot"]
+        samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
+        results = quantize_block(block, samples, kwargs, cfg, device)
+        if store is not None:
+            with torch.no_grad():
+                for j, x in store.iter_samples(slot):
+                    store.write(store.other(slot), j, run_block(block, x.to(device), kwargs))
+            store.flush(store.other(slot))
+            manifest["slot"] = store.other(slot)
+        manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", block_tensors(layout, ckpt, i, results, cfg.bits))
+        release_block(layout, i)
+        manifest["blocks"][str(i)] = {
+            "layers": {n: asdict(r) for n, (_, r) in results.items()},
+            "seconds": time.perf_counter() - start,
+        }
+        manifest["next_block"] = i + 1
+        write_json_atomic(out / MANIFEST, manifest)
+        progress.block_done(i, results)
+    progress.close()
+
+    finish(out, ckpt, layout, cfg, opts, writer, manifest, device)  # 6
+    if store is not None and not opts.keep_activations:
+        store.delete()
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return out
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise StreamqError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def check_written_units(writer: ShardWriter, manifest: dict) -> None:
+    """On resume, every unit the manifest calls done must still hash the same on disk."""
+    for key, digest in manifest["units"].items():
+        if writer.unit_digest(key) != digest:
+            raise StreamqError(f"{writer.folder}: the bytes of {key} on disk do not match the manifest "
+                               "(a shard was damaged or removed); use --restart")
+
+
+def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest) -> tuple[ActivationStore, dict]:
+    """Open (or create and fill with block-0 inputs) the activation store; return it and the block kwargs."""
+    n, seqlen = tokens.shape
+    hidden = layout.config.hidden_size
+    path = str(out / WORK_DIR / "activations")
+    ends = ModelEnds(layout, ckpt, device, dtype, with_head=False)
+    try:
+        _, kwargs = ends.block_inputs(tokens[:1])
+        if opts.offload == "disk" and manifest["next_block"] > 0:
+            return ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=False), kwargs
+        if opts.offload == "disk":
+            store = ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=True)
+        else:
+            if manifest["next_block"] > 0:
+                raise StreamqError(f"{out}: the interrupted run kept its activations in RAM; "
+                                   "resume needs --offload disk (or --restart)")
+            store = ActivationStore.in_ram(n, seqlen, hidden, dtype)
+        for j in range(n):
+            store.write("a", j, ends.block_inputs(tokens[j:j + 1])[0])
+        store.flush("a")
+        return store, kwargs
+    finally:
+        ends.release()
+
+
+def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, opts: RunOptions,
+           writer: ShardWriter, manifest: dict, device: torch.device) -> None:
+    """Non-block tensors, config, tokenizer, index, report; the manifest's complete flag goes last."""
+    import json
+
+    from streamq.io.manifest import write_bytes_atomic
+
+    if "rest" not in manifest["units"]:
+        manifest["units"]["rest"] = writer.write_unit("rest", {n: ckpt.get(n) for n in non_block_names(layout, ckpt)})
+        write_json_atomic(out / MANIFEST, manifest)
+    for name in TOKENIZER_FILES:
+        if (ckpt.folder / name).exists():
+            write_bytes_atomic(out / name, (ckpt.folder / name).read_bytes())
+    if len(writer.names) > 1:
+        write_json_atomic(out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": writer.total_size()}, "weight_map": writer.weight_map()})
+    config = dict(ckpt.config)
+    config["quantization_config"] = quantization_config(cfg)
+    write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device))
+    manifest["complete"] = True
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+def quantization_config(cfg: QuantConfig) -> dict:
+    """config.json's quantization_config as transformers / vLLM read GPTQ checkpoints."""
+    return {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+        "desc_act": cfg.act_order, "sym": cfg.sym, "static_groups": cfg.static_groups,
+        "true_sequential": cfg.true_sequential, "damp_percent": cfg.damp,
+        "quantizer": [f"streamq:{__version__}"], "streamq_method": cfg.method,
+    }
+
+
+def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device) -> dict:
+    """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight."""
+    quant_bytes = quant_weights = 0
+    for i in range(layout.n_blocks):
+        for name, lin in layout.block_linears(i).items():
+            shapes = packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
+            quant_weights += lin.in_features * lin.out_features
+            quant_bytes += sum(TensorSpec("", d, s).nbytes for s, d in shapes.values())
+    blocks = manifest["blocks"]
+    return {
+        "streamq_version": __version__,
+        "source": str(ckpt.folder),
+        "method": cfg.to_dict(),
+        "options": asdict(opts),
+        "device": str(device),
+        "blocks": blocks,
+        "mean_layer_error": sum(r["error"] for b in blocks.values() for r in b["layers"].values())
+        / max(1, sum(len(b["layers"]) for b in blocks.values())),
+        "seconds_total": sum(b["seconds"] for b in blocks.values()),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_vram_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+        "bits_per_quantized_weight": 8 * quant_bytes / max(1, quant_weights),
+        "output_bytes": writer.total_size(),
+        "shards": writer.names,
+    }

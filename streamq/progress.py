@@ -1,0 +1,50 @@
+"""The progress bar over blocks: block i/N, ETA, per-block layer error, RAM / VRAM / store disk in use."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch
+from tqdm import tqdm
+
+GiB = 1 << 30
+
+
+def memory_postfix(device: torch.device, store_path: str | None) -> dict[str, str]:
+    """Current RSS, VRAM (allocated) and activation-store size, in GiB, as tqdm postfix fields."""
+    fields = {"RAM": f"{psutil.Process().memory_info().rss / GiB:.2f}G"}
+    if device.type == "cuda":
+        fields["VRAM"] = f"{torch.cuda.memory_allocated(device) / GiB:.2f}G"
+    if store_path and os.path.isdir(store_path):
+        size = sum(e.stat().st_size for e in _walk(store_path))
+        fields["disk"] = f"{size / GiB:.2f}G"
+    return fields
+
+
+def _walk(path: str):
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        else:
+            yield entry
+
+
+class BlockProgress:
+    def __init__(self, n_blocks: int, first: int, enabled: bool, device: torch.device, store):
+        self.device, self.store = device, store
+        self.bar = tqdm(total=n_blocks, initial=first, desc="blocks", unit="block", disable=not enabled,
+                        dynamic_ncols=True)
+
+    def block_done(self, i: int, results: dict) -> None:
+        """results: Linear name -> (QuantResult, LayerReport)."""
+        errors = {name: r.error for name, (_, r) in results.items()}
+        worst = max(errors, key=errors.get)
+        self.bar.set_postfix(err=f"{sum(errors.values()) / len(errors):.4f}",
+                             **memory_postfix(self.device, self.store.path if self.store else None))
+        self.bar.write(f"block {i + 1}/{self.bar.total}: mean layer error {sum(errors.values()) / len(errors):.5f}, "
+                       f"worst {worst} {errors[worst]:.5f}" + "".join(
+                           f"\n  warning {n}: {r.warning}" for n, (_, r) in results.items() if r.warning))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

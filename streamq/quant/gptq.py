@@ -1,0 +1,119 @@
+"""GPTQ (Frantar et al. 2022): quantize columns one by one, pushing each rounding error onto the columns
+not yet quantized through the upper Cholesky factor of H^-1.
+
+Follows IST-DASLab/gptq `fasterquant` (dead inputs, act-order, static groups, damping, lazy batches).
+One deliberate difference: a lazy batch never straddles a group start (non-static groups), so every
+group's grid is fitted on fully updated weights. The reference fits a group that starts mid-batch on
+weights still missing that batch's updates, which makes its result depend on the batch width; with the
+usual group_size == block_columns == 128 both agree.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from streamq.config import QuantConfig
+from streamq.errors import StreamqError
+from streamq.quant.grid import QuantResult, dequantize, fit_grid, quantize_codes
+
+
+class GPTQResult(NamedTuple):
+    """What gptq_quantize found for one Linear."""
+
+    result: QuantResult
+    loss: float  # the reference's sum of (w - q)^2 / d^2 / 2 over all weights
+    damp: float  # damp fraction of mean diag(H) finally used (cfg.damp unless raised)
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 (to 1.0 at most) on failure."""
+    mean_diag = H.diagonal().mean()
+    while True:
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        if damp >= 1.0:
+            raise StreamqError("GPTQ: Hessian is not positive definite even with damp 1.0 (degenerate inputs?)")
+        damp = min(damp * 10, 1.0)
+        warnings.warn(f"GPTQ: Hessian not positive definite; retrying with damp {damp:g}", RuntimeWarning)
+
+
+def _batch_bounds(cols: int, width: int, group: int | None) -> list[tuple[int, int]]:
+    """[start, end) column ranges of the lazy batches: every `width` columns, also cut at every group start."""
+    starts = set(range(0, cols, width)) | (set(range(0, cols, group)) if group else set())
+    s = sorted(starts)
+    return list(zip(s, s[1:] + [cols]))
+
+
+def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
+    """Quantize W: [out, in] given H: [in, in] = 2/N sum x^T x (undamped), on W's device.
+
+    Computes in fp32 (fp64 when W is fp64, which tests use to compare with a naive solver exactly);
+    the caller's W and H are not modified. Returns original-column-order codes, per-group grids and
+    g_idx (with act_order and non-static groups, groups follow the permuted order).
+    """
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.to(dtype, copy=True)
+    H = H.to(device=W.device, dtype=dtype, copy=True)
+    if not bool(torch.isfinite(H).all()):
+        raise StreamqError("GPTQ: Hessian has non-finite entries (inf/nan in the calibration activations?)")
+    rows, cols = W.shape
+    gs = cols if cfg.group_size == -1 else cfg.group_size
+    n_groups = math.ceil(cols / gs)
+
+    dead = H.diagonal() == 0  # inputs that are always 0: any weight works, 0 is cheapest to store
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if cfg.static_groups:  # grids from the original weights, in original column order
+        grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym) for c in range(0, cols, gs)]
+    perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    group_of = (perm // gs).tolist()  # static group of the column at each permuted position
+    Hinv, damp = _inverse_cholesky(H, cfg.damp)
+
+    codes, Q = torch.zeros_like(W), torch.zeros_like(W)
+    scales, zeros = W.new_zeros(n_groups, rows), W.new_zeros(n_groups, rows)
+    losses = W.new_zeros(rows)
+    for i1, i2 in _batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if cfg.static_groups:
+                scale, zero = grids[group_of[c]]
+            elif c % gs == 0:  # a batch start (see _batch_bounds): W[:, c:] has every earlier update
+                scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym)
+                scales[c // gs], zeros[c // gs] = scale, zero
+            w, d = W1[:, i : i + 1], Hinv1[i, i]
+            codes[:, c : c + 1] = quantize_codes(w, scale, zero, cfg.maxq)
+            q = dequantize(codes[:, c : c + 1], scale, zero)
+            Q[:, c : c + 1] = q
+            err = (w - q) / d
+            losses += err[:, 0] ** 2 / 2
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = torch.arange(cols, device=W.device, dtype=torch.int32) // gs
+    if cfg.static_groups:
+        scales, zeros = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
+    elif cfg.act_order:
+        g_idx[perm] = g_idx.clone()  # group i // gs belongs to original column perm[i]
+    invperm = torch.argsort(perm)
+    result = QuantResult(
+        weight=Q[:, invperm].float(),  # exact: fp16-representable scale times a small integer
+        codes=codes[:, invperm].to(torch.uint8),
+        scales=scales.float(),
+        zeros=zeros.to(torch.uint8),
+        g_idx=g_idx,
+    )
+    return GPTQResult(result, losses.sum().item(), damp)

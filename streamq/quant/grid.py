@@ -1,0 +1,84 @@
+"""Round-to-nearest primitives: per-row min/max grids, integer codes, dequantization.
+
+Semantics follow GPTQ's reference quantizer (IST-DASLab/gptq `quant.py`, weight=True, perchannel=True)
+with two deliberate differences, both so the packed checkpoint reproduces our weights bit for bit:
+  1. the scale is rounded to fp16 before zero points and codes are computed (checkpoints store fp16 scales);
+  2. asymmetric zero points are clamped to [1, maxq] (the GPTQ v1 format stores zero-1, so zero=0 is lost).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from streamq.errors import StreamqError
+
+# Smallest positive normal fp16; stands in for a scale that rounds to 0 in fp16 (division by it stays finite).
+_FP16_TINY = 2.0**-14
+# Largest finite fp16; larger scales would become inf in the checkpoint.
+_FP16_MAX = 65504.0
+
+
+class QuantResult(NamedTuple):
+    """One quantized Linear, in the layout every packer reads.
+
+    Invariant: weight[r, c] == scales[g_idx[c], r] * (codes[r, c] - zeros[g_idx[c], r]) exactly in fp32.
+    """
+
+    weight: Tensor  # [out, in] fp32 fake-quantized (dequantized) weight
+    codes: Tensor  # [out, in] uint8 codes in [0, maxq], original column order
+    scales: Tensor  # [n_groups, out] fp32 (fp16-representable)
+    zeros: Tensor  # [n_groups, out] uint8 integer zero points
+    g_idx: Tensor  # [in] int32 group of each input column
+
+
+def fit_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Min/max grid per row of w: [rows, cols] float -> (scale [rows], zero [rows]) in w's dtype.
+
+    The range always contains 0. sym: range is [-max|w|, max|w|] (unless the row has no negative value,
+    as in the reference) and zero = (maxq+1)/2. Asym: zero = round(-xmin/scale). Differences from the
+    reference: scale is rounded to fp16 (clamped to fp16's finite range, 0 replaced by the smallest normal)
+    before zero is derived, and asym zero is clamped to [1, maxq] for the GPTQ v1 checkpoint's zero-1.
+    """
+    maxq = (1 << bits) - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+
+    scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().to(w.dtype)
+    scale = torch.where(scale == 0, _FP16_TINY, scale)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(1, maxq)
+    return scale, zero
+
+
+def _column(t: Tensor) -> Tensor:
+    """[rows] -> [rows, 1], so per-row parameters broadcast over a [rows, cols] weight."""
+    return t.reshape(-1, 1)
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Integer codes clamp(round(w/scale) + zero, 0, maxq) as a float tensor; w: [rows, cols], scale/zero: [rows]."""
+    return torch.clamp(torch.round(w / _column(scale)) + _column(zero), 0, maxq)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """scale * (codes - zero); codes: [rows, cols] float, scale/zero: [rows]. Exact for fp16-representable scales."""
+    return _column(scale) * (codes - _column(zero))
+
+
+def check_group_size(in_features: int, group_size: int, name: str) -> None:
+    """Raise StreamqError unless group_size divides in_features (-1, one group per row, always fits)."""
+    if group_size != -1 and in_features % group_size != 0:
+        raise StreamqError(
+            f"{name}: --group-size {group_size} does not divide in_features {in_features}; "
+            "use a divisor or -1"
+        )

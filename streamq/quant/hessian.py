@@ -1,0 +1,56 @@
+"""Second-order input statistics of one Linear, kept apart from any solver that consumes them."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class HessianAccumulator:
+    """Running H = 2/nsamples * sum_tokens x^T x over a Linear's calibration inputs, [in, in] fp32.
+
+    Counts samples as the GPTQ reference does: an input [batch, seq, in] adds `batch` samples (any
+    extra leading dims multiply into the batch); a [seq, in] or [in] input adds one. Like the reference,
+    H is rescaled before each add and x is scaled by sqrt(2/nsamples), so H stays a mean and never
+    overflows in fp32 however many tokens pass through.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._nsamples = 0
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate x: [..., in] (any dtype/device; flattened to tokens, computed in fp32 on H's device)."""
+        batch = math.prod(x.shape[:-2]) if x.dim() > 2 else 1
+        if batch == 0:
+            return
+        x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)
+        self._H *= self._nsamples / (self._nsamples + batch)
+        self._nsamples += batch
+        x = math.sqrt(2 / self._nsamples) * x
+        self._H.addmm_(x.t(), x)
+
+    @property
+    def H(self) -> Tensor:
+        """The accumulated [in, in] fp32 Hessian (the live buffer: do not modify it in place)."""
+        return self._H
+
+    @property
+    def nsamples(self) -> int:
+        """Samples added so far, counted as the reference counts them."""
+        return self._nsamples
+
+
+def relative_output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
+    """tr((W-Q) H (W-Q)^T) / tr(W H W^T): relative squared error of the layer's outputs on the calibration set.
+
+    W, Q: [out, in]; H: [in, in] (undamped). Computed in fp64; 0.0 when both traces vanish.
+    """
+    W, Q, H = W.double(), Q.double(), H.double()
+    D = W - Q
+    num = ((D @ H) * D).sum().item()
+    den = ((W @ H) * W).sum().item()
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den

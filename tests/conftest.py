@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random-weight decoder models saved as (multi-shard) safetensors folders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+
+CALIB = Path(__file__).resolve().parents[1] / "streamq" / "data" / "calib.txt"
+SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen-calib.txt"
+
+
+def sample_text() -> str:
+    """~60 KB of real English for tokenizer training and calibration."""
+    src = CALIB if CALIB.exists() else SHARED_CALIB
+    return src.read_text(encoding="utf-8")[:60_000]
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator([sample_text()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_config(arch: str, n_layers: int, vocab: int, hidden: int = 64, inter: int = 128):
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=4,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    if arch == "opt":
+        return OPTConfig(ffn_dim=inter, word_embed_proj_dim=hidden, do_layer_norm_before=True,
+                         **{k: v for k, v in common.items() if k != "tie_word_embeddings"})
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    return cls(intermediate_size=inter, num_key_value_heads=2, head_dim=16, **common)
+
+
+def save_model(model, folder: Path, shards: int, dtype: torch.dtype) -> None:
+    """Write the state dict as `shards` safetensors files + index (shared tensors written once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    names = sorted(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s * per:(s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        save_file({k: state[k] for k in part}, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.config.dtype = dtype
+    model.config.save_pretrained(folder)
+
+
+def make_tiny_model(folder: Path, arch: str = "llama", n_layers: int = 2, shards: int = 2,
+                    dtype: torch.dtype = torch.float32, seed: int = 0, hidden: int = 64, inter: int = 128,
+                    tie: bool = False) -> Path:
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_config(arch, n_layers, len(tok), hidden, inter)
+    config.tie_word_embeddings = tie
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger-than-init weights so blocks change the residual stream visibly
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    save_model(model, folder, shards, dtype)
+    tok.save_pretrained(folder)
+    (folder / "calib.txt").write_text(sample_text(), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
+    return make_tiny_model(tmp_path / "llama", "llama", n_layers=2, shards=2)

@@ -1,0 +1,73 @@
+"""A plain in-memory GPTQ/RTN reference on the full model, written as the IST-DASLab scripts do it: the whole
+model in RAM, all calibration inputs of a layer in one tensor, the sequential groups listed by hand per
+architecture, Hessians as 2/n * sum x^T x. Shares only the per-layer solver (tested on its own) with streamq."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from streamq.config import QuantConfig
+from streamq.quant.gptq import gptq_quantize
+from streamq.quant.hessian import relative_output_error
+from streamq.quant.rtn import rtn_quantize
+
+SEQUENTIAL = {
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "default": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+}
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
+    """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)})."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    layers = model.get_decoder().layers
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    inputs, kw = [], {}
+
+    def catch(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+        kw.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for j in range(tokens.shape[0]):
+        try:
+            model(tokens[j:j + 1], use_cache=False)
+        except _Stop:
+            pass
+    handle.remove()
+    kw["use_cache"] = False
+    results, errors = {}, {}
+    groups = SEQUENTIAL.get(model.config.model_type, SEQUENTIAL["default"])
+    for i, layer in enumerate(layers):
+        mods = dict(layer.named_modules())
+        for group in groups:
+            xs = {n: [] for n in group}
+            hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+                     for n in group]
+            for x in inputs:
+                layer(x, **kw)
+            for h in hooks:
+                h.remove()
+            for n in group:
+                X = torch.cat(xs[n]).double()  # [tokens, in]
+                H = (2.0 / len(inputs) * X.T @ X).float()
+                W = mods[n].weight.data.clone()
+                if cfg.method == "rtn":
+                    r = rtn_quantize(W, cfg)
+                else:
+                    r = gptq_quantize(W, H, cfg).result
+                    errors[f"{prefix}.{i}.{n}"] = (relative_output_error(W, r.weight, H),
+                                                   relative_output_error(W, rtn_quantize(W, cfg).weight, H))
+                mods[n].weight.data = r.weight
+                results[f"{prefix}.{i}.{n}"] = r
+        inputs = [layer(x, **kw) for x in inputs]
+        inputs = [x[0] if isinstance(x, tuple) else x for x in inputs]
+    return model, results, errors

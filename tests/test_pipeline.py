@@ -1,0 +1,137 @@
+"""compress(): streamed results equal the in-memory reference; outputs load, evaluate and run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import streamq
+from streamq.calib.data import calibration_windows
+from streamq.formats.gptq import unpack_gptq
+from tests.conftest import make_tiny_model
+from tests.reference import reference_quantize
+
+NS, SEQ = 6, 48
+
+
+def read_all(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def run_both(tmp_path, arch: str, method: str, **cfg):
+    src = make_tiny_model(tmp_path / arch, arch, n_layers=2, shards=3)
+    out = tmp_path / f"{arch}-{method}"
+    streamq.compress(src, out, method=method, calib=str(src / "calib.txt"), nsamples=NS, seqlen=SEQ,
+                     shard_size=60_000, progress=False, **cfg)
+    tokens = calibration_windows(AutoTokenizer.from_pretrained(src), str(src / "calib.txt"), NS, SEQ)
+    ref_model, ref, errors = reference_quantize(src, tokens, streamq.QuantConfig(method=method, **cfg))
+    return src, out, ref_model, ref, errors
+
+
+def assert_matches_reference(out, ref, bits):
+    tensors = read_all(out)
+    assert len(ref) > 0
+    for name, r in ref.items():
+        got = unpack_gptq({k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, bits)
+        same = (got.codes == r.codes.to(torch.int32)).float().mean().item()
+        assert same >= 0.999, f"{name}: only {same:.4%} of codes equal the reference"
+        torch.testing.assert_close(got.scales, r.scales, rtol=1e-3, atol=1e-6)
+        assert torch.equal(got.g_idx, r.g_idx.to(torch.int32))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2"])
+def test_streamed_gptq_equals_in_memory_reference(tmp_path, arch):
+    _, out, _, ref, errors = run_both(tmp_path, arch, "gptq", bits=4, group_size=32)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # really sharded
+    assert_matches_reference(out, ref, 4)
+    # GPTQ reduces the output error of every layer against RTN on the same calibration inputs
+    worse = {n: e for n, e in errors.items() if e[0] >= e[1]}
+    assert not worse, f"GPTQ not better than RTN on {worse}"
+
+
+def test_streamed_rtn_equals_reference(tmp_path):
+    _, out, _, ref, _ = run_both(tmp_path, "llama", "rtn", bits=3, group_size=32, sym=False)
+    assert_matches_reference(out, ref, 3)
+
+
+def test_act_order_output_loads_and_matches_fake_quant_logits(tmp_path, monkeypatch):
+    import streamq.pipeline as pipeline
+
+    engine = {}  # the engine's own fake-quantized weights, recorded as blocks are packed
+    original = pipeline.block_tensors
+
+    def record(layout, ckpt, i, results, bits):
+        engine.update({f"{layout.block_prefix(i)}{n}": r.weight.clone() for n, (r, _) in results.items()})
+        return original(layout, ckpt, i, results, bits)
+
+    monkeypatch.setattr(pipeline, "block_tensors", record)
+    src, out, ref_model, ref, _ = run_both(tmp_path, "llama", "gptq", bits=4, group_size=16, act_order=True)
+    assert_matches_reference(out, ref, 4)
+    model = streamq.load(out)
+    assert set(engine) == set(ref)
+    for name, weight in engine.items():  # the loaded layers dequantize to exactly the engine's weights
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight), name
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_output_folder_layout(tmp_path):
+    src = make_tiny_model(tmp_path / "m", "llama", n_layers=2, shards=2, tie=True)
+    out = streamq.compress(src, tmp_path / "o", bits=8, group_size=-1, calib=str(src / "calib.txt"), nsamples=4,
+                           seqlen=32, shard_size=50_000, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"], q["checkpoint_format"]) == \
+        ("gptq", 8, -1, False, True, "gptq")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = read_all(out)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert (out / "tokenizer.json").exists() and (out / "streamq_report.json").exists()
+    assert "lm_head.weight" not in tensors  # tied: like the source, written once
+    with safe_open(str(src / "model-00001-of-00002.safetensors"), "pt") as h:
+        emb = "model.embed_tokens.weight"
+        if emb in h.keys():
+            assert torch.equal(tensors[emb], h.get_tensor(emb))  # copied unchanged
+    q_proj = "model.layers.1.self_attn.q_proj"
+    assert tensors[f"{q_proj}.qweight"].dtype == torch.int32 and tensors[f"{q_proj}.scales"].dtype == torch.float16
+    assert tensors[f"{q_proj}.qweight"].shape == (64 * 8 // 32, 64) and tensors[f"{q_proj}.g_idx"].shape == (64,)
+    report = json.loads((out / "streamq_report.json").read_text())
+    assert len(report["blocks"]) == 2 and report["peak_rss_bytes"] > 0
+    assert 8.0 < report["bits_per_quantized_weight"] < 9.0
+    # transformers loads the model part of the folder as a plain model when the GPTQ config is ignored:
+    assert AutoModelForCausalLM.from_pretrained(src).config.vocab_size == config["vocab_size"]
+
+
+def test_streaming_perplexity_equals_transformers(tmp_path):
+    src = make_tiny_model(tmp_path / "m", "qwen3", n_layers=3, shards=2)
+    ppl = streamq.evaluate(src, src / "calib.txt", seqlen=64, max_windows=5, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(src)((src / "calib.txt").read_text(), add_special_tokens=False).input_ids
+    ids = torch.tensor(ids[: 5 * 64]).view(5, 64)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, model.config.vocab_size),
+                                                ids[:, 1:].reshape(-1))
+    assert abs(ppl - torch.exp(nll).item()) / ppl < 1e-4
+
+
+def test_eval_of_compressed_folder_equals_loaded_model(tmp_path):
+    src = make_tiny_model(tmp_path / "m", "llama", n_layers=2, shards=1)
+    out = streamq.compress(src, tmp_path / "o", bits=3, group_size=32, calib=str(src / "calib.txt"), nsamples=4,
+                           seqlen=32, progress=False)
+    ppl = streamq.evaluate(out, src / "calib.txt", seqlen=64, max_windows=3, offload="disk", progress=False)
+    model = streamq.load(out)
+    ids = AutoTokenizer.from_pretrained(out)((src / "calib.txt").read_text(), add_special_tokens=False).input_ids
+    ids = torch.tensor(ids[: 3 * 64]).view(3, 64)
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert abs(ppl - torch.exp(nll).item()) / ppl < 1e-4

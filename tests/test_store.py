@@ -1,0 +1,170 @@
+"""streamq/calib/store.py: exact round trips, reopen for resume, refusals, prefetch, flush."""
+import os
+import threading
+
+import pytest
+import torch
+
+from streamq.calib.store import ActivationStore
+from streamq.errors import StreamqError
+
+N, S, H = 5, 7, 12
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def samples(dtype, n=N, seed=0) -> list[torch.Tensor]:
+    """Random samples plus the values a lossy path would mangle: NaN, infinities, -0, subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(1, S, H, generator=g) * 100).to(dtype) for _ in range(n)]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3.0e38]).to(dtype)
+    xs[0].view(-1)[: special.numel()] = special
+    return xs
+
+
+def make(kind, tmp_path, dtype, **kw):
+    if kind == "ram":
+        return ActivationStore.in_ram(N, S, H, dtype)
+    return ActivationStore.on_disk(str(tmp_path / "acts"), N, S, H, dtype, create=kw.get("create", True))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+@pytest.mark.parametrize("kind", ["disk", "ram"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_bit_exact(kind, dtype, tmp_path):
+    store = make(kind, tmp_path, dtype)
+    xs, ys = samples(dtype), samples(dtype, seed=1)
+    for i in range(N):
+        store.write("a", i, xs[i])
+        store.write("b", i, ys[i].transpose(1, 2).contiguous().transpose(1, 2))  # non-contiguous input
+    for i in range(N):
+        a, b = store.read("a", i), store.read("b", i)
+        assert a.shape == (1, S, H) and a.device.type == "cpu"
+        assert same_bits(a, xs[i]) and same_bits(b, ys[i])
+    assert store.nbytes_per_sample == S * H * dtype.itemsize
+    assert (store.path is None) == (kind == "ram")
+
+
+@pytest.mark.parametrize("kind", ["disk", "ram"])
+def test_read_is_a_copy_and_unwritten_sample_refused(kind, tmp_path):
+    store = make(kind, tmp_path, torch.float32)
+    x = samples(torch.float32)[1]
+    store.write("a", 2, x)
+    store.read("a", 2).add_(1)  # a caller's in-place op must not reach the store
+    assert torch.equal(store.read("a", 2), x)
+    with pytest.raises(StreamqError, match="sample 3 of slot a was never written"):
+        store.read("a", 3)
+    with pytest.raises(StreamqError, match="out of range"):
+        store.read("a", N)
+    with pytest.raises(StreamqError, match="slot 'c'"):
+        store.read("c", 0)
+
+
+def test_reopen_sees_earlier_data(tmp_path):
+    xs = samples(torch.bfloat16)
+    store = make("disk", tmp_path, torch.bfloat16)
+    for i in range(N):
+        store.write("b", i, xs[i])
+    store.flush("b")
+    del store
+    again = make("disk", tmp_path, torch.bfloat16, create=False)
+    assert all(same_bits(again.read("b", i), xs[i]) for i in range(N))
+    again.write("a", 0, xs[0])  # a reopened store is writable
+    assert same_bits(again.read("a", 0), xs[0])
+
+
+def test_reopen_refuses_other_dtype_or_shape(tmp_path):
+    path = str(tmp_path / "acts")
+    ActivationStore.on_disk(path, N, S, H, torch.bfloat16, create=True)
+    with pytest.raises(StreamqError, match=r"acts: holds \[5, 7, 12\] bfloat16.*needs \[5, 7, 12\] float16"):
+        ActivationStore.on_disk(path, N, S, H, torch.float16, create=False)
+    with pytest.raises(StreamqError, match=r"needs \[5, 8, 12\] bfloat16"):
+        ActivationStore.on_disk(path, N, S + 1, H, torch.bfloat16, create=False)
+    with pytest.raises(StreamqError, match="not found"):
+        ActivationStore.on_disk(str(tmp_path / "nowhere"), N, S, H, torch.bfloat16, create=False)
+    with pytest.raises(StreamqError, match="unsupported"):
+        ActivationStore.in_ram(N, S, H, torch.float64)
+
+
+def test_create_replaces_old_store_but_not_other_folders(tmp_path):
+    store = make("disk", tmp_path, torch.float16)
+    store.write("a", 0, samples(torch.float16)[0])
+    fresh = make("disk", tmp_path, torch.float16)
+    with pytest.raises(StreamqError, match="never written"):
+        fresh.read("a", 0)  # the old sample is gone, not silently reused
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep")
+    with pytest.raises(StreamqError, match="not empty"):
+        ActivationStore.on_disk(str(other), N, S, H, torch.float16, create=True)
+    assert (other / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("kind", ["disk", "ram"])
+def test_write_refuses_wrong_dtype_or_shape(kind, tmp_path):
+    store = make(kind, tmp_path, torch.bfloat16)
+    with pytest.raises(StreamqError, match="float32"):
+        store.write("a", 0, torch.zeros(1, S, H))
+    with pytest.raises(StreamqError, match=r"\(2, 7, 12\)"):
+        store.write("a", 0, torch.zeros(2, S, H, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["disk", "ram"])
+def test_iter_samples_prefetch_in_order(kind, tmp_path):
+    store = make(kind, tmp_path, torch.float16)
+    xs = samples(torch.float16)
+    for i in range(N):
+        store.write("a", i, xs[i])
+    threads = []
+    read = store.read
+    store.read = lambda slot, i: (threads.append(threading.current_thread().name), read(slot, i))[1]
+    got = list(store.iter_samples("a"))
+    assert [i for i, _ in got] == list(range(N))
+    assert all(same_bits(x, xs[i]) for i, x in got)
+    assert all(name.startswith("streamq-prefetch") for name in threads) and len(threads) == N
+    threads.clear()
+    assert [i for i, _ in store.iter_samples("a", prefetch=False)] == list(range(N))
+    assert threads == [threading.current_thread().name] * N
+    # The ping-pong loop: read a, write b while the next read of a runs in the background.
+    for i, x in store.iter_samples("a"):
+        store.write("b", i, x * 2)
+    assert all(same_bits(store.read("b", i), xs[i] * 2) for i in range(N))
+    for i, _ in store.iter_samples("a"):  # leaving early must not hang
+        break
+
+
+def test_flush_syncs_files_and_refuses_partial_slot(tmp_path):
+    store = make("disk", tmp_path, torch.bfloat16)
+    xs = samples(torch.bfloat16)
+    for i in range(N - 1):
+        store.write("a", i, xs[i])
+    with pytest.raises(StreamqError, match=r"slot a lacks samples \[4\] \(1 of 5\)"):
+        store.flush("a")
+    store.write("a", N - 1, torch.zeros(1, S, H, dtype=torch.bfloat16))  # all-zero chunk still a file
+    store.flush("a")
+    root = tmp_path / "acts"
+    chunk_files = [os.path.join(d, f) for d, _, fs in os.walk(root / "a" / "c") for f in fs]
+    assert len(chunk_files) == N
+    assert all(os.path.getsize(f) == store.nbytes_per_sample for f in chunk_files)
+    assert (root / "zarr.json").exists() and (root / "a" / "zarr.json").exists()
+    ram = make("ram", tmp_path, torch.bfloat16)
+    with pytest.raises(StreamqError, match="lacks samples"):
+        ram.flush("b")
+    for i in range(N):
+        ram.write("b", i, xs[i])
+    ram.flush("b")
+
+
+def test_other_and_delete(tmp_path):
+    assert ActivationStore.other("a") == "b" and ActivationStore.other("b") == "a"
+    with pytest.raises(StreamqError):
+        ActivationStore.other("x")
+    store = make("disk", tmp_path, torch.float32)
+    store.write("a", 0, torch.ones(1, S, H))
+    store.delete()
+    assert not (tmp_path / "acts").exists()
+    with pytest.raises(StreamqError, match="after delete"):
+        store.read("a", 0)
