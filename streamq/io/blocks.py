@@ -92,6 +92,7 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelL
         if full in ckpt.tensors:  # persistent buffers saved in the checkpoint
             state[name] = ckpt.get(full, device)
     module.load_state_dict(state, strict=False, assign=True)
+    ckpt.close()
     # Buffers the checkpoint does not hold (rotary inv_freq) are computed by the library's own init code.
     for sub in module.modules():
         if any(b.is_meta for b in sub.buffers(recurse=False)):

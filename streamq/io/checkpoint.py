@@ -149,6 +149,10 @@ class Checkpoint:
             raise StreamqError(f"{info.file.name}: tensor {name} contains NaN or Inf")
         return t.to(device)
 
+    def close(self) -> None:
+        """Drop the memory maps: pages read through them would otherwise stay counted in RSS."""
+        self._handles.clear()
+
     def nbytes(self, name: str) -> int:
         info = self.tensors[name]
         return info.end - info.begin

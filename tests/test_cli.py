@@ -1,0 +1,186 @@
+"""The command line: bad input gives one line on stderr, a non-zero exit, and no output marked complete."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streamq.cli import main
+from tests.conftest import make_tiny_model
+
+FAST = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("cli") / "m", "llama", n_layers=2, shards=2)
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("streamq: error:"), err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def copy_model(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_compress_and_eval_and_generate(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(model), str(out), "--calib", str(model / "calib.txt"), *FAST]) == 0
+    assert json.loads((out / "streamq_manifest.json").read_text())["complete"] is True
+    assert main(["eval", str(out), "--data", str(model / "calib.txt"), "--seqlen", "32", "--max-windows", "2",
+                 "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", str(out), "It was", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("It was")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--bits", "5"], ["--bits 5"]),
+    (["--group-size", "0"], ["--group-size 0"]),
+    (["--group-size", "48"], ["48", "model.layers.0"]),
+    (["--nsamples", "0"], ["--nsamples 0"]),
+    (["--damp", "2"], ["--damp"]),
+    (["--static-groups"], ["--static-groups"]),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["--device"]),
+    (["--shard-size", "lots"], ["lots"]),
+])
+def test_impossible_flags(model, tmp_path, capsys, flags, words):
+    args = ["compress", str(model), str(tmp_path / "o"), "--calib", str(model / "calib.txt"), *FAST, *flags]
+    with pytest.raises(SystemExit) if flags[0] == "--shard-size" else _no_raise() as exc:
+        code = main(args)
+    if exc is not None and hasattr(exc, "value"):
+        code = exc.value.code
+    assert_one_line_error(code, capsys.readouterr().err.strip(), *words)
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert_one_line_error(*run_cli(["compress", str(tmp_path / "nope"), str(tmp_path / "o")], capsys), "not found")
+
+
+def test_unsupported_architecture(model, tmp_path, capsys):
+    bad = copy_model(model, tmp_path / "gpt2")
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (bad / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
+                          "gpt2", "llama", "mistral", "qwen2", "qwen3", "opt")
+
+
+def test_config_not_json(model, tmp_path, capsys):
+    bad = copy_model(model, tmp_path / "badjson")
+    (bad / "config.json").write_text("{ not json")
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), "config.json", "JSON")
+
+
+def test_config_without_model_type(model, tmp_path, capsys):
+    bad = copy_model(model, tmp_path / "notype")
+    (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), "model_type")
+
+
+def test_pickle_checkpoint_refused(tmp_path, capsys, model):
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "config.json").write_text((model / "config.json").read_text())
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
+                          "pytorch_model.bin", "safetensors")
+
+
+def test_truncated_safetensors(model, tmp_path, capsys):
+    bad = copy_model(model, tmp_path / "trunc")
+    shard = bad / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
+                          "model-00002-of-00002.safetensors", "truncated")
+
+
+def test_header_offsets_lie(model, tmp_path, capsys):
+    bad = copy_model(model, tmp_path / "lie")
+    shard = bad / "model-00001-of-00002.safetensors"
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 4
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), name)
+
+
+def test_missing_tensor(model, tmp_path, capsys):
+    bad = tmp_path / "missing"
+    make_tiny_model(bad, "llama", n_layers=2, shards=1)
+    from safetensors.torch import load_file
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, bad / "model.safetensors")
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
+                          "model.layers.1.mlp.up_proj.weight", "missing")
+
+
+def test_nan_weight(tmp_path, capsys):
+    bad = tmp_path / "nan"
+    make_tiny_model(bad, "llama", n_layers=2, shards=1)
+    from safetensors.torch import load_file
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, bad / "model.safetensors")
+    out = tmp_path / "o"
+    assert_one_line_error(*run_cli(["compress", str(bad), str(out), *FAST, "--calib", str(bad / "calib.txt")], capsys),
+                          "model.layers.1.self_attn.k_proj.weight", "NaN")
+    assert not (out / "config.json").exists()
+    assert json.loads((out / "streamq_manifest.json").read_text())["complete"] is False
+
+
+def test_calibration_text_too_short(model, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    assert_one_line_error(*run_cli(["compress", str(model), str(tmp_path / "o"), *FAST, "--calib", str(short)],
+                                   capsys), "short.txt", "16")
+
+
+def test_folder_of_another_run_refused(model, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["compress", str(model), str(out), "--calib", str(model / "calib.txt"), *FAST]) == 0
+    capsys.readouterr()
+    code, err = run_cli(["compress", str(model), str(out), "--calib", str(model / "calib.txt"), *FAST,
+                         "--bits", "8"], capsys)
+    assert_one_line_error(code, err, "method")
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert_one_line_error(*run_cli(["compress", str(model), str(stranger), *FAST], capsys), "not a streamq output")
+
+
+def test_cli_entry_point_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "streamq.cli", "compress", str(tmp_path / "x"), str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
