@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
+import signal
 import sys
 
 from streamq.errors import StreamqError
+from streamq.interrupt import Interrupted, stop_on_signals
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
@@ -34,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format folder")
     c.add_argument("model", help="source model folder (config.json + *.safetensors)")
     c.add_argument("out", help="output folder")
-    c.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    c.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround"])
+    c.add_argument("--preset", default=None, help="a named recipe: autoround light (50 iters, lr 5e-3) | best "
+                   "(1000 iters, 512 samples); explicit flags win")
     c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     c.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = per channel")
     sym = c.add_mutually_exclusive_group()
@@ -47,9 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collect all Hessians of a block in one pass")
     c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
                    "default: the shipped Jane Austen excerpt")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
+    c.add_argument("--nsamples", type=int, default=None, help="calibration windows (128)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
     c.add_argument("--seed", type=int, default=0)
+    a = c.add_argument_group("AutoRound")
+    a.add_argument("--iters", type=int, default=None, help="signed-gradient steps per block (200); 0 = RTN")
+    a.add_argument("--lr", type=float, default=None, help="step size, decaying linearly to 0 (1/iters)")
+    a.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (8)")
+    a.add_argument("--grad-accum", type=int, default=None, help="forward passes per step (1)")
+    a.add_argument("--no-minmax-tuning", dest="minmax_tuning", action="store_false", default=None,
+                   help="tune the rounding only, not the per-group min/max range")
     _add_compute_flags(c, offload_default="disk")
     c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (5GB)")
     resume = c.add_mutually_exclusive_group()
@@ -74,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--device", default="cpu")
 
+    v = sub.add_parser("verify", help="check an output folder against its manifest: every shard byte, every tensor")
+    v.add_argument("out", help="a streamq output folder")
+
     d = sub.add_parser("demo", help="fetch SmolLM2-135M, compress it, compare perplexity, generate")
     d.add_argument("--out", default=None, help="output folder (default: in the streamq cache)")
     d.add_argument("--bits", type=int, default=4)
-    d.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    d.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround"])
     return p
 
 
@@ -88,13 +103,28 @@ def _add_compute_flags(p: argparse.ArgumentParser, offload_default: str) -> None
                    help=f"where block activations live ({offload_default})")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     import streamq
 
     if args.command == "compress":
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "out", "method")}
-        out = streamq.compress(args.model, args.out, method=args.method, **kwargs)
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "out")}
+        with stop_on_signals() as stop:  # first Ctrl-C / SIGTERM: stop after the current block
+            try:
+                out = streamq.compress(args.model, args.out, should_stop=stop, **kwargs)
+            except Interrupted as e:
+                print(f"streamq: {e} on {signal.Signals(stop.signum).name}; to resume, run the same command again: "
+                      f"streamq {shlex.join(argv)}", file=sys.stderr)
+                return stop.exit_code
         print(f"wrote {out}")
+    elif args.command == "verify":
+        from streamq.verify import verify
+
+        problems = verify(args.out)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return 1
+        print(f"{args.out}: ok")
     elif args.command == "eval":
         ppl = streamq.evaluate(args.model, args.data, args.seqlen, max_windows=args.max_windows, device=args.device,
                                dtype=args.dtype, offload=args.offload, progress=args.progress)
@@ -111,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return run(args)
+        return run(args, argv)
     except StreamqError as e:
         if args.debug:
             raise

@@ -7,16 +7,37 @@ from dataclasses import dataclass
 
 from streamq.errors import StreamqError
 
-METHODS = ("gptq", "rtn", "autoround")
+METHODS = ("gptq", "rtn", "autoround", "spqr")
 PACKABLE_BITS = (2, 3, 4, 8)
 
-# Named AutoRound settings (intel/auto-round's "light" and "best" recipes). Each maps field names to values;
-# "nsamples" is a run option (RunOptions.nsamples, how many calibration windows are captured), not a
-# QuantConfig field, so whoever applies a preset splits it between QuantConfig and RunOptions.
-AUTOROUND_PRESETS = {
-    "light": {"iters": 50, "lr": 5e-3},
-    "best": {"iters": 1000, "nsamples": 512},
+# Named recipes per method: field name -> value. AutoRound's are intel/auto-round's "light" and "best".
+# "nsamples" is a run option (RunOptions.nsamples), not a QuantConfig field: apply_preset returns plain keyword
+# arguments and the caller splits them.
+PRESETS = {
+    "autoround": {
+        "light": {"iters": 50, "lr": 5e-3},
+        "best": {"iters": 1000, "nsamples": 512},
+    },
+    # The SpQR README's near-lossless recipe (main.py --wbits 4 --groupsize 16 --perchannel --qq_scale_bits 3
+    # --qq_zero_bits 3 --qq_groupsize 16 --outlier_threshold=0.2 --permutation_order act_order --percdamp 1e0
+    # --nsamples 128); the reference's grids are asymmetric.
+    "spqr": {
+        "near-lossless": {"bits": 4, "group_size": 16, "qq_scale_bits": 3, "qq_zero_bits": 3, "qq_groupsize": 16,
+                          "outlier_threshold": 0.2, "act_order": True, "damp": 1.0, "sym": False, "nsamples": 128},
+    },
 }
+AUTOROUND_PRESETS = PRESETS["autoround"]
+
+
+def apply_preset(method: str, preset: str | None, kwargs: dict) -> dict:
+    """kwargs with the preset's values filled in where kwargs does not set them (explicit flags win)."""
+    if preset is None:
+        return dict(kwargs)
+    recipes = PRESETS.get(method, {})
+    if preset not in recipes:
+        known = ", ".join(f"{m}: {', '.join(r)}" for m, r in PRESETS.items())
+        raise StreamqError(f"--preset {preset!r} does not exist for --method {method} (presets: {known})")
+    return {**recipes[preset], **kwargs}
 
 
 @dataclass(frozen=True)
@@ -32,6 +53,13 @@ class QuantConfig:
     offsets and min/max factors, None = 1/iters (decays linearly to 0); minmax_tuning: also tune the per-group
     min/max range factors; batch_size: calibration samples per forward pass; grad_accum: forward passes whose
     gradients are summed before one step; seed: seeds the minibatch sampler.
+
+    SpQR only (asymmetric grids, sym=False; act_order is SpQR's permutation_order "act_order", False = "identity"):
+    qq_scale_bits / qq_zero_bits: bits of the second-level quantization of the per-group scales / zeros (set
+    both, or neither for plain fp16 scales and integer zeros, i.e. GPTQ's grid); qq_groupsize: consecutive output
+    rows sharing one second-level scale/zero; outlier_threshold: tau, a weight whose Hessian-weighted squared
+    error exceeds tau * the layer's mean sensitivity is kept in fp16 (inf = no outliers); simplified_outliers:
+    fit each group's grid on all its weights instead of leaving likely outliers out (faster, usually worse).
     """
 
     method: str = "gptq"
@@ -49,6 +77,11 @@ class QuantConfig:
     batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
+    qq_scale_bits: int | None = None
+    qq_zero_bits: int | None = None
+    qq_groupsize: int = 16
+    outlier_threshold: float = math.inf
+    simplified_outliers: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,8 +90,8 @@ class QuantConfig:
             raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} bits")
         if self.group_size != -1 and self.group_size < 1:
             raise StreamqError(f"--group-size {self.group_size}: use -1 (per channel) or a positive column count")
-        if not 0 < self.damp < 1:
-            raise StreamqError(f"--damp {self.damp}: must lie in (0, 1), a fraction of mean diag(H)")
+        if not 0 < self.damp <= 1:
+            raise StreamqError(f"--damp {self.damp}: must lie in (0, 1], a fraction of mean diag(H)")
         if self.block_columns < 1:
             raise StreamqError(f"block_columns {self.block_columns}: must be positive")
         if self.static_groups and not self.act_order:
@@ -75,6 +108,26 @@ class QuantConfig:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
         if self.method == "autoround" and self.act_order:
             raise StreamqError("--act-order is a GPTQ option; AutoRound keeps the columns in order")
+        if self.method == "spqr":
+            self._check_spqr()
+
+    def _check_spqr(self) -> None:
+        if self.sym:
+            raise StreamqError("--method spqr: SpQR's grids are asymmetric min-max grids with zero points; pass --asym")
+        if self.static_groups:
+            raise StreamqError("--static-groups is a GPTQ option; SpQR fits each group when it is reached")
+        if (self.qq_scale_bits is None) != (self.qq_zero_bits is None):
+            raise StreamqError("--qq-scale-bits and --qq-zero-bits: set both (second-level quantization) or neither")
+        for name in ("qq_scale_bits", "qq_zero_bits"):
+            value = getattr(self, name)
+            if value is not None and value not in PACKABLE_BITS:
+                raise StreamqError(f"--{name.replace('_', '-')} {value}: use one of {', '.join(map(str, PACKABLE_BITS))}")
+        if self.qq_groupsize < 1:
+            raise StreamqError(f"--qq-groupsize {self.qq_groupsize}: must be a positive number of output rows")
+        if not self.outlier_threshold > 0:  # also rejects nan
+            raise StreamqError(f"--outlier-threshold {self.outlier_threshold}: must be positive (inf = no outliers)")
+        if self.group_size == 1 and math.isfinite(self.outlier_threshold) and not self.simplified_outliers:
+            raise StreamqError("--group-size 1 leaves nothing to fit a leave-one-out grid on; use --simplified-outliers")
 
     @property
     def maxq(self) -> int:

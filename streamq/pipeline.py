@@ -4,6 +4,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from streamq.formats.gptq import pack_gptq, packed_shapes
 from streamq.io.blocks import ModelLayout, block_names, build_layout, load_block, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.manifest import read_json, write_json_atomic
+from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.progress import BlockProgress
-from streamq.quant.block import quantize_block
-from streamq.quant.grid import check_group_size
+from streamq.quant.autoround import autoround_block
+from streamq.quant.block import LayerReport, quantize_block
+from streamq.quant.grid import QuantResult, check_group_size
 
 MANIFEST = "streamq_manifest.json"
 REPORT = "streamq_report.json"
@@ -142,17 +145,37 @@ def fingerprint(ckpt: Checkpoint, cfg: QuantConfig, opts: RunOptions, tokens: to
     }
 
 
-def open_output(out: Path, fp: dict, resume: str) -> dict:
-    """Create, resume or refuse the output folder. Returns the manifest to continue from."""
+def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> dict[str, list[str]]:
+    """Source tensor -> the output tensors standing for it: a quantized Linear's weight -> its packed GPTQ
+    tensors, anything else -> itself. Recorded in the manifest so `streamq verify` needs no source."""
+    packed = {}
+    for i in range(layout.n_blocks):
+        for name, lin in layout.block_linears(i).items():
+            stem = f"{layout.block_prefix(i)}{name}."
+            shapes = packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
+            packed[stem + "weight"] = [stem + k for k in shapes]
+    return {name: packed.get(name, [name]) for name in ckpt.names()}
+
+
+def open_output(out: Path, fp: dict, plan: dict, resume: str) -> dict:
+    """Create, resume or refuse the output folder. Returns the manifest to continue from.
+
+    plan: the output layout (shards, units, source map), recorded once in a fresh manifest."""
     manifest_path = out / MANIFEST
-    fresh = {"fingerprint": fp, "next_block": 0, "slot": "a", "units": {}, "blocks": {}, "complete": False}
-    if out.exists() and any(out.iterdir()):
+    fresh = {"fingerprint": fp, "plan": plan, "next_block": 0, "slot": "a", "units": {}, "blocks": {},
+             "complete": False}
+    # A run killed while writing its first manifest leaves only that file's temporary: still an empty folder.
+    if out.exists() and {p.name for p in out.iterdir()} - {MANIFEST + ".tmp"}:
         if not manifest_path.exists():
             raise StreamqError(f"{out}: folder exists and is not a streamq output; choose an empty or new folder")
         if resume == "never":
             raise StreamqError(f"{out}: holds an earlier run; remove it, or drop --no-resume to continue it")
-        if resume == "restart":
-            shutil.rmtree(out)
+        if resume == "restart":  # the manifest goes last (replaced below), so a killed restart can be restarted
+            for p in out.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.name != MANIFEST:
+                    p.unlink()
         else:
             manifest = read_json(manifest_path)
             changed = [k for k in fp if manifest["fingerprint"].get(k) != fp[k]]
@@ -165,7 +188,8 @@ def open_output(out: Path, fp: dict, resume: str) -> dict:
     return fresh
 
 
-def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(), opts: RunOptions = RunOptions()) -> Path:
+def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(), opts: RunOptions = RunOptions(),
+             should_stop: Callable[[], bool] = lambda: False) -> Path:
     """Compress the model folder `model` into the GPTQ-format folder `out`, one decoder block at a time.
 
     1. Open the source: safetensors headers checked, skeleton built on the meta device, every layer checked
@@ -175,6 +199,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     4. Capture block-0 inputs into the activation store (skipped when resuming past block 0).
     5. Per block: materialize, quantize, write its outputs (next block's inputs) to the other store slot,
        write its packed tensors into their shard, then record it in the manifest. Data first, manifest last.
+       Stop here (Interrupted) when should_stop() says so: the folder resumes with the same call.
     6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
     """
     out = Path(out)
@@ -190,8 +215,11 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
 
-    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), opts.resume)  # 3
+    plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg)}
+    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, opts.resume)  # 3
     if manifest["complete"]:
+        if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return out
     writer.folder.mkdir(parents=True, exist_ok=True)
     check_written_units(writer, manifest)
@@ -204,13 +232,14 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         start = time.perf_counter()
         block = load_block(layout, ckpt, i, device, dtype)
         slot = manifest["slot"]
-        samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
-        results = quantize_block(block, samples, kwargs, cfg, device)
+        if cfg.method == "autoround":
+            results = autoround_step(block, store, slot, kwargs, cfg, device)
+        else:
+            samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
+            results = quantize_block(block, samples, kwargs, cfg, device)
+            if store is not None:
+                propagate(block, store, slot, kwargs, device)
         if store is not None:
-            with torch.no_grad():
-                for j, x in store.iter_samples(slot):
-                    store.write(store.other(slot), j, run_block(block, x.to(device), kwargs))
-            store.flush(store.other(slot))
             manifest["slot"] = store.other(slot)
         manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", block_tensors(layout, ckpt, i, results, cfg.bits))
         release_block(layout, i)
@@ -221,6 +250,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         manifest["next_block"] = i + 1
         write_json_atomic(out / MANIFEST, manifest)
         progress.block_done(i, results)
+        if should_stop(): raise Interrupted(i + 1, layout.n_blocks)  # SIGINT/SIGTERM: stop once block i is on disk
     progress.close()
 
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device)  # 6
@@ -228,6 +258,43 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return out
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, device: torch.device,
+              against_targets: bool = False) -> float | None:
+    """Run block over the samples in `slot`, writing its outputs into the other slot (the next block's inputs).
+
+    against_targets: the other slot holds reference outputs; return the relative error
+    sum ||out - ref||^2 / sum ||ref||^2 over all samples before they are overwritten.
+    """
+    other = store.other(slot)
+    sse = ref = 0.0
+    for j, x in store.iter_samples(slot):
+        y = run_block(block, x.to(device), kwargs)
+        if against_targets:
+            t = store.read(other, j).to(y.device, torch.float32)
+            sse += (y.float() - t).pow(2).sum().item()
+            ref += t.pow(2).sum().item()
+        store.write(other, j, y)
+    store.flush(other)
+    return sse / max(ref, 1e-30) if against_targets else None
+
+
+def autoround_step(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, cfg: QuantConfig,
+                   device: torch.device) -> dict[str, tuple[QuantResult, LayerReport]]:
+    """AutoRound on one block, streamed: the fp block's outputs go to the other slot as targets, the tuning loop
+    reads minibatches of inputs and targets from the store, then the quantized block's outputs replace the
+    targets. Every Linear's report carries the block's relative output error (AutoRound tunes them jointly)."""
+    start = time.perf_counter()
+    propagate(block, store, slot, kwargs, device)
+    other = store.other(slot)
+    tuned = autoround_block(block, lambda idx: torch.cat([store.read(slot, j) for j in idx]),
+                            lambda idx: torch.cat([store.read(other, j) for j in idx]),
+                            store.nsamples, kwargs, cfg, device)
+    error = propagate(block, store, slot, kwargs, device, against_targets=True)
+    seconds = (time.perf_counter() - start) / len(tuned)
+    return {name: (result, LayerReport(error, loss, 0.0, seconds)) for name, (result, loss) in tuned.items()}
 
 
 def load_tokenizer(folder: Path):
@@ -258,6 +325,7 @@ def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest) -> t
         if opts.offload == "disk" and manifest["next_block"] > 0:
             return ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=False), kwargs
         if opts.offload == "disk":
+            shutil.rmtree(path, ignore_errors=True)  # ours; a run killed while creating it may have left a torn one
             store = ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=True)
         else:
             if manifest["next_block"] > 0:

@@ -81,3 +81,31 @@ def make_tiny_model(folder: Path, arch: str = "llama", n_layers: int = 2, shards
 @pytest.fixture
 def tiny_llama(tmp_path) -> Path:
     return make_tiny_model(tmp_path / "llama", "llama", n_layers=2, shards=2)
+
+
+# Fields of streamq_report.json / streamq_manifest.json that differ between any two runs of the same command:
+# wall-clock seconds (per layer, per block, total) and peak RSS / VRAM.
+TIMING_FIELDS = ("seconds", "seconds_total", "peak_rss_bytes", "peak_vram_bytes")
+
+
+def _without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if k not in TIMING_FIELDS}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def output_snapshot(folder: Path) -> dict[str, str]:
+    """Every file under an output folder (hidden work folders included) -> sha256 of its bytes; the manifest
+    and report -> their JSON without TIMING_FIELDS. Two runs of one command must give equal snapshots."""
+    import hashlib
+
+    snap = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(folder))
+        if rel in ("streamq_manifest.json", "streamq_report.json"):
+            snap[rel] = json.dumps(_without_timing(json.loads(path.read_text())), sort_keys=True)
+        else:
+            snap[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return snap

@@ -1,12 +1,14 @@
 """A plain in-memory GPTQ/RTN reference on the full model, written as the IST-DASLab scripts do it: the whole
 model in RAM, all calibration inputs of a layer in one tensor, the sequential groups listed by hand per
-architecture, Hessians as 2/n * sum x^T x. Shares only the per-layer solver (tested on its own) with streamq."""
+architecture, Hessians as 2/n * sum x^T x. Shares only the per-layer solvers and AutoRound's per-block tuner
+(tested on their own) with streamq."""
 from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from streamq.config import QuantConfig
+from streamq.quant.autoround import autoround_block
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import relative_output_error
 from streamq.quant.rtn import rtn_quantize
@@ -22,9 +24,9 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
-    """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)})."""
+def load_with_block0_inputs(model_dir, tokens: torch.Tensor):
+    """The full fp32 model, its decoder layers and name prefix, and the inputs of layer 0 per window
+    [1, seq, hidden] with the layers' forward kwargs, caught by a hook."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     layers = model.get_decoder().layers
@@ -39,11 +41,39 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     for j in range(tokens.shape[0]):
         try:
-            model(tokens[j:j + 1], use_cache=False)
+            with torch.no_grad():
+                model(tokens[j:j + 1], use_cache=False)
         except _Stop:
             pass
     handle.remove()
     kw["use_cache"] = False
+    return model, layers, prefix, inputs, kw
+
+
+def _forward(layer, inputs: list, kw: dict) -> list:
+    with torch.no_grad():
+        outs = [layer(x, **kw) for x in inputs]
+    return [x[0] if isinstance(x, tuple) else x for x in outs]
+
+
+def reference_autoround(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
+    """AutoRound on the full model in RAM, all windows of a layer in one tensor, quantized-input mode.
+    Returns (fake-quantized model, {full linear name: QuantResult})."""
+    model, layers, prefix, inputs, kw = load_with_block0_inputs(model_dir, tokens)
+    results = {}
+    for i, layer in enumerate(layers):
+        X, Y = torch.cat(inputs), torch.cat(_forward(layer, inputs, kw))
+        tuned = autoround_block(layer, lambda idx: X[idx], lambda idx: Y[idx], len(inputs), kw, cfg,
+                                torch.device("cpu"))
+        results.update({f"{prefix}.{i}.{n}": r for n, (r, _) in tuned.items()})
+        inputs = _forward(layer, inputs, kw)
+    return model, results
+
+
+@torch.no_grad()
+def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
+    """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)})."""
+    model, layers, prefix, inputs, kw = load_with_block0_inputs(model_dir, tokens)
     results, errors = {}, {}
     groups = SEQUENTIAL.get(model.config.model_type, SEQUENTIAL["default"])
     for i, layer in enumerate(layers):
@@ -68,6 +98,5 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
                                                    relative_output_error(W, rtn_quantize(W, cfg).weight, H))
                 mods[n].weight.data = r.weight
                 results[f"{prefix}.{i}.{n}"] = r
-        inputs = [layer(x, **kw) for x in inputs]
-        inputs = [x[0] if isinstance(x, tuple) else x for x in inputs]
+        inputs = _forward(layer, inputs, kw)
     return model, results, errors

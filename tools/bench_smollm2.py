@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=20, help="evaluation windows")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--configs", default="rtn:4,gptq:4,rtn:3,gptq:3", help="method:bits list")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                   help="extra compress arguments, e.g. iters=50 batch_size=4 (AutoRound)")
+    p.add_argument("--skip-fp", action="store_true", help="do not evaluate the source model")
     p.add_argument("--work", type=Path, default=Path("bench-out"))
     p.add_argument("--results", type=Path, default=None, help="JSON lines file (default: WORK/results.jsonl)")
     a = p.parse_args()
@@ -66,15 +69,17 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     evaluate = dict(kind="eval", data=a.data, seqlen=a.seqlen, windows=a.windows)
-    record({"config": "fp (bf16 source)", **step({**evaluate, "model": a.model})})
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    if not a.skip_fp:
+        record({"config": "fp (bf16 source)", **step({**evaluate, "model": a.model})})
     for spec in a.configs.split(","):
         method, bits = spec.split(":")
         out = a.work / f"{method}-w{bits}g{a.group_size}"
         kw = dict(method=method, bits=int(bits), group_size=a.group_size, calib=a.calib, nsamples=a.nsamples,
-                  seqlen=a.calib_seqlen, resume="restart")
+                  seqlen=a.calib_seqlen, resume="restart", **extra)
         made = step({"kind": "compress", "model": a.model, "out": str(out), "kw": kw})
         ev = step({**evaluate, "model": str(out)})
-        record({"config": f"{method} w{bits} g{a.group_size}", "ppl": ev["ppl"],
+        record({"config": f"{method} w{bits} g{a.group_size} {' '.join(a.set)}".strip(), "ppl": ev["ppl"],
                 "compress_seconds": made["seconds"], "compress_peak_rss_mb": made["peak_rss_mb"],
                 "eval_seconds": ev["seconds"], "eval_peak_rss_mb": ev["peak_rss_mb"]})
     print(f"\n| config | ppl ({a.windows}x{a.seqlen}) | compress s | compress peak RSS MB | eval s | eval peak RSS MB |")

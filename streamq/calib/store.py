@@ -6,6 +6,7 @@ sample); in RAM, two torch tensors with the same API.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from streamq.errors import StreamqError
+from streamq.errors import StreamqError, disk_full
 
 SLOTS = ("a", "b")
 FORMAT = "streamq-activations"
@@ -132,6 +133,8 @@ class ActivationStore:
         try:
             self._arrays[slot][i:i + 1] = x.contiguous().numpy()
         except OSError as e:  # full disk, removed folder
+            if e.errno == errno.ENOSPC:  # this slot's remaining samples are what it still needs
+                raise disk_full(self._chunk_file(slot, i), (self.nsamples - i) * self.nbytes_per_sample) from None
             raise StreamqError(f"activation store {self._path}: cannot write sample {i} of slot {slot} ({e})") from None
 
     def flush(self, slot: str) -> None:

@@ -1,9 +1,12 @@
 """Durable small files: JSON written to a temporary name, fsynced and renamed into place."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
+
+from streamq.errors import disk_full
 
 
 def fsync_dir(folder: Path) -> None:
@@ -18,10 +21,16 @@ def fsync_dir(folder: Path) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """path gets data, or keeps its old content if we die midway: never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # frees the space; the old file at path is untouched
+        if e.errno == errno.ENOSPC:
+            raise disk_full(path, len(data)) from None
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -9,6 +9,7 @@ Memory: one tensor at a time.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from streamq.errors import disk_full
 from streamq.io.checkpoint import DTYPES
 from streamq.io.manifest import fsync_dir
 
@@ -87,6 +89,21 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def file_digest(path: Path, begin: int, end: int) -> str:
+    """sha256 of bytes [begin, end) of a file (fewer when it is shorter), read 16 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(begin)
+        remaining = end - begin
+        while remaining:
+            chunk = f.read(min(remaining, 1 << 24))
+            if not chunk:  # a short file: its digest will not match
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
 class ShardWriter:
     def __init__(self, folder: Path, shards: list[list[Unit]]):
         self.folder = folder
@@ -107,6 +124,22 @@ class ShardWriter:
     def total_size(self) -> int:
         return sum(u.nbytes for u in self.units.values())
 
+    def plan(self) -> dict:
+        """The layout as JSON for the manifest (what `streamq verify` checks): per shard its size and header
+        sha256, per unit its shard, byte range and tensor names."""
+        shards = {name: {"bytes": self.place[last][2], "header_sha256": hashlib.sha256(header).hexdigest()}
+                  for name, header, last in zip(self.names, self.headers, self.last_unit)}
+        units = {key: {"shard": self.names[s], "begin": begin, "end": end,
+                       "tensors": [spec.name for spec in self.units[key].specs]}
+                 for key, (s, begin, end) in self.place.items()}
+        return {"shards": shards, "units": units}
+
+    def bytes_from(self, key: str) -> int:
+        """Bytes still to write when unit `key` is next: its data, the later units' and later shards' headers."""
+        keys = list(self.units)
+        shard = self.place[key][0]
+        return sum(self.units[k].nbytes for k in keys[keys.index(key):]) + sum(map(len, self.headers[shard + 1:]))
+
     def write_unit(self, key: str, tensors: dict[str, torch.Tensor]) -> str:
         """Write a unit's tensors at their planned place, durably. Returns the sha256 of the bytes written."""
         unit = self.units[key]
@@ -120,17 +153,22 @@ class ShardWriter:
         if final.exists() and not path.exists():  # re-writing into a shard finished before a crash
             os.replace(final, path)
         digest = hashlib.sha256()
-        with open(path, "r+b" if path.exists() else "w+b") as f:
-            f.seek(0)
-            f.write(self.headers[shard])
-            f.seek(begin)
-            for spec in unit.specs:
-                data = tensor_bytes(tensors[spec.name])
-                f.write(data)
-                digest.update(data)
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "r+b" if path.exists() else "w+b") as f:
+                f.seek(0)
+                f.write(self.headers[shard])
+                f.seek(begin)
+                for spec in unit.specs:
+                    data = tensor_bytes(tensors[spec.name])
+                    f.write(data)
+                    digest.update(data)
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # the manifest does not list this unit yet, so a re-run writes it again
+            if e.errno == errno.ENOSPC:
+                raise disk_full(path, self.bytes_from(key)) from None
+            raise
         if key == self.last_unit[shard]:
             os.replace(path, final)
             fsync_dir(self.folder)
@@ -142,13 +180,5 @@ class ShardWriter:
         for name in (self.names[shard], self.names[shard] + ".partial"):
             path = self.folder / name
             if path.exists() and path.stat().st_size >= end:
-                with open(path, "rb") as f:
-                    f.seek(begin)
-                    digest = hashlib.sha256()
-                    remaining = end - begin
-                    while remaining:
-                        chunk = f.read(min(remaining, 1 << 24))
-                        digest.update(chunk)
-                        remaining -= len(chunk)
-                    return digest.hexdigest()
+                return file_digest(path, begin, end)
         return None

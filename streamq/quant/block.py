@@ -21,6 +21,7 @@ from streamq.quant.gptq import gptq_quantize
 from streamq.quant.grid import QuantResult
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.rtn import rtn_quantize
+from streamq.quant.spqr import SpQRResult, spqr_quantize
 
 Samples = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the block's inputs, each [1, seq, hidden]
 
@@ -87,8 +88,9 @@ def collect_hessians(block: nn.Module, names: list[str], samples: Samples, kwarg
     return {n: acc.H for n, acc in accs.items()}
 
 
-def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig) -> tuple[QuantResult, LayerReport]:
-    """Solve one layer and write its fake-quantized weight back into the module."""
+def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
+                    cfg: QuantConfig) -> tuple[QuantResult | SpQRResult, LayerReport]:
+    """Solve one layer and write its fake-quantized weight back into the module (SpQRResult for method spqr)."""
     start = time.perf_counter()
     W = linear.weight.detach().float()
     with warnings.catch_warnings(record=True) as caught:
@@ -96,6 +98,10 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig)
         if cfg.method == "rtn":
             result, loss, damp = rtn_quantize(W, cfg), 0.0, 0.0
             error = ((W - result.weight).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30)).item()
+        elif cfg.method == "spqr":
+            result = spqr_quantize(W, H, cfg)
+            loss, damp = result.loss, result.damp
+            error = relative_output_error(W, result.weight, H)
         else:
             out = gptq_quantize(W, H, cfg)
             result, loss, damp = out.result, out.loss, out.damp
@@ -107,7 +113,7 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig)
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig,
-                   device: torch.device) -> dict[str, tuple[QuantResult, LayerReport]]:
+                   device: torch.device) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
     """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name."""
     modules = dict(block.named_modules())
     if cfg.method == "rtn":  # data-free: no Hessians, no passes

@@ -29,7 +29,7 @@ class GPTQResult(NamedTuple):
     damp: float  # damp fraction of mean diag(H) finally used (cfg.damp unless raised)
 
 
-def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
+def inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 (to 1.0 at most) on failure."""
     mean_diag = H.diagonal().mean()
     while True:
@@ -46,7 +46,7 @@ def _inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
         warnings.warn(f"GPTQ: Hessian not positive definite; retrying with damp {damp:g}", RuntimeWarning)
 
 
-def _batch_bounds(cols: int, width: int, group: int | None) -> list[tuple[int, int]]:
+def batch_bounds(cols: int, width: int, group: int | None) -> list[tuple[int, int]]:
     """[start, end) column ranges of the lazy batches: every `width` columns, also cut at every group start."""
     starts = set(range(0, cols, width)) | (set(range(0, cols, group)) if group else set())
     s = sorted(starts)
@@ -78,19 +78,19 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm // gs).tolist()  # static group of the column at each permuted position
-    Hinv, damp = _inverse_cholesky(H, cfg.damp)
+    Hinv, damp = inverse_cholesky(H, cfg.damp)
 
     codes, Q = torch.zeros_like(W), torch.zeros_like(W)
     scales, zeros = W.new_zeros(n_groups, rows), W.new_zeros(n_groups, rows)
     losses = W.new_zeros(rows)
-    for i1, i2 in _batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
+    for i1, i2 in batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             c = i1 + i
             if cfg.static_groups:
                 scale, zero = grids[group_of[c]]
-            elif c % gs == 0:  # a batch start (see _batch_bounds): W[:, c:] has every earlier update
+            elif c % gs == 0:  # a batch start (see batch_bounds): W[:, c:] has every earlier update
                 scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym)
                 scales[c // gs], zeros[c // gs] = scale, zero
             w, d = W1[:, i : i + 1], Hinv1[i, i]

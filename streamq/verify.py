@@ -1,0 +1,113 @@
+"""`streamq verify OUT`: check an output folder against its manifest, without the source model.
+
+Every byte of every shard is accounted for: each shard's size and header sha256 against the plan recorded
+when the run started, each unit's bytes against the sha256 recorded when it was written. Then coverage:
+every planned tensor is in its shard's header and in the index, and every source tensor is represented
+(a quantized Linear's weight by its packed GPTQ tensors, anything else by itself).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from streamq.errors import StreamqError
+from streamq.io.checkpoint import read_header
+from streamq.io.manifest import read_json
+from streamq.io.writer import file_digest
+from streamq.pipeline import MANIFEST
+
+INDEX = "model.safetensors.index.json"
+
+
+def verify(out: str | Path) -> list[str]:
+    """Problems found in the output folder `out`, one line each; an empty list when all is well."""
+    out = Path(out)
+    try:
+        manifest = read_json(out / MANIFEST)
+    except FileNotFoundError:
+        return [f"{out}: no {MANIFEST}; not a streamq output folder"]
+    except json.JSONDecodeError as e:
+        return [f"{out / MANIFEST}: not valid JSON ({e.msg})"]
+    plan = manifest.get("plan")
+    if plan is None:
+        return [f"{out / MANIFEST}: records no output plan (an older streamq wrote it); cannot verify"]
+    complete = manifest.get("complete") is True
+    problems = []
+    if not complete:
+        blocks = [k for k in plan["units"] if k.startswith("block.")]
+        done = sum(k in manifest["units"] for k in blocks)
+        problems.append(f"{out}: incomplete run ({done} of {len(blocks)} blocks written, not finished); "
+                        "re-run its compress command to finish it")
+    problems += check_bytes(out, plan, manifest["units"], complete)
+    problems += check_coverage(out, plan, complete)
+    return problems
+
+
+def check_bytes(out: Path, plan: dict, digests: dict[str, str], complete: bool) -> list[str]:
+    """Shard files against the plan (size, header) and each written unit against its recorded sha256.
+    In an unfinished run only the units the manifest lists are checked, in `NAME.partial` where unrenamed."""
+    problems, found = [], {}
+    for name, shard in plan["shards"].items():
+        path = out / name
+        if not path.exists() and not complete:
+            path = out / (name + ".partial")
+        if not path.exists():
+            if complete or any(u["shard"] == name for k, u in plan["units"].items() if k in digests):
+                problems.append(f"{out / name}: shard missing")
+            continue
+        found[name] = path
+        if complete:
+            planned = {t for u in plan["units"].values() if u["shard"] == name for t in u["tensors"]}
+            problems += check_shard_file(path, shard, planned)
+    for key, unit in plan["units"].items():
+        if key not in digests:
+            if complete:
+                problems.append(f"{out}: unit {key} is not recorded as written in {MANIFEST}")
+            continue
+        path = found.get(unit["shard"])
+        if path is not None and file_digest(path, unit["begin"], unit["end"]) != digests[key]:
+            problems.append(f"{path}: bytes {unit['begin']}..{unit['end']} ({key}) differ from their sha256 "
+                            f"in {MANIFEST}")
+    return problems
+
+
+def check_shard_file(path: Path, shard: dict, planned: set[str]) -> list[str]:
+    """A finished shard: a valid safetensors header, byte-equal to the planned one, holding every planned
+    tensor, and exactly the planned size."""
+    try:
+        header, data_start = read_header(path)
+    except StreamqError as e:
+        return [str(e)]
+    problems = [f"{path}: tensor {t} is missing from the header" for t in sorted(planned - set(header))]
+    if file_digest(path, 0, data_start) != shard["header_sha256"]:
+        problems.append(f"{path}: header differs from the one planned for it")
+    if path.stat().st_size != shard["bytes"]:
+        problems.append(f"{path}: {path.stat().st_size} bytes, the plan says {shard['bytes']}")
+    return problems
+
+
+def check_coverage(out: Path, plan: dict, complete: bool) -> list[str]:
+    """Every source tensor has its output tensors in the plan; the index (multi-shard) maps each to its shard."""
+    problems = []
+    shard_of = {t: u["shard"] for u in plan["units"].values() for t in u["tensors"]}
+    represented = set()
+    for source, outputs in plan["source"].items():
+        lacking = [t for t in outputs if t not in shard_of]
+        if lacking:
+            problems.append(f"{out}: source tensor {source} is not represented (no {lacking[0]} in the output)")
+        represented.update(outputs)
+    for t in sorted(set(shard_of) - represented):
+        problems.append(f"{out}: output tensor {t} stands for no source tensor")
+    if complete and (len(plan["shards"]) > 1 or (out / INDEX).exists()):
+        try:
+            weight_map = read_json(out / INDEX)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return problems + [f"{out / INDEX}: missing or unreadable ({type(e).__name__})"]
+        for t, shard in sorted(shard_of.items()):
+            if weight_map.get(t) != shard:
+                problems.append(f"{out / INDEX}: {t} maps to {weight_map.get(t)}, it lives in {shard}")
+        for t in sorted(set(weight_map) - set(shard_of)):
+            problems.append(f"{out / INDEX}: {t} is not in the output")
+    if complete and not (out / "config.json").exists():
+        problems.append(f"{out / 'config.json'}: missing")
+    return problems
