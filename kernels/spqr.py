@@ -67,13 +67,18 @@ def spqr_matvec(x: Tensor, tensors: dict[str, Tensor], cfg: QuantConfig) -> Tens
 
 @functools.cache
 def _jit(fn, interpret: bool):
-    """The jitted kernel; triton.jit reads TRITON_INTERPRET now (`interpret` keys the cache on it)."""
-    global triton, tl  # the kernel bodies resolve `tl` in this module's globals when they run or compile
+    """The jitted kernel; triton.jit reads TRITON_INTERPRET now (`interpret` keys the cache on it).
+
+    Kernel bodies resolve `tl` and their device functions in this module's globals when they run or compile,
+    so the first call imports Triton and replaces the device functions by their jitted selves.
+    """
+    global triton, tl, _unpack, _stat
     if triton is None:
         import triton as triton_module
         import triton.language as language
 
         triton, tl = triton_module, language
+        _unpack, _stat = triton.jit(_unpack), triton.jit(_stat)
     return triton.jit(fn)
 
 
@@ -96,6 +101,22 @@ def _launch(t: dict[str, Tensor], cfg: QuantConfig, x: Tensor, out: Tensor, matv
             MATVEC=matvec, BLOCK_OUT=BLOCK_OUT, BLOCK_NNZ=BLOCK_NNZ)
 
 
+def _unpack(ptr, word, stride, shift, mask, has_next, BITS: tl.constexpr):
+    """BITS-bit values starting at bit `shift` of int32 word ptr[word] (the next word at word + stride) -> fp32."""
+    field = tl.load(ptr + word, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    if 32 % BITS != 0:  # 3 bits: a value may continue in the next word
+        nxt = tl.load(ptr + word + stride, mask=mask & has_next, other=0)
+        field = field | (nxt.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
+    return ((field >> shift) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+def _stat(codes, words, g, r, mask, BITS: tl.constexpr):
+    """Code [g, r] of a statistic packed along the output dimension (`words` int32 words per group row)."""
+    bit = r.to(tl.int64) * BITS
+    return _unpack(codes, g[None, :] * words + (bit // 32)[:, None], 1, (bit % 32)[:, None], mask,
+                   ((bit // 32 + 1) < words)[:, None], BITS)
+
+
 def _dense_kernel(qweight, scode, zcode, s_qs, s_qz, z_qs, z_qz, qzeros, perm, x, out, OUT, IN,
                   BITS: tl.constexpr, GS: tl.constexpr, QQ: tl.constexpr, QS_BITS: tl.constexpr,
                   QZ_BITS: tl.constexpr, QQG: tl.constexpr, MATVEC: tl.constexpr,
@@ -103,53 +124,27 @@ def _dense_kernel(qweight, scode, zcode, s_qs, s_qz, z_qs, z_qz, qzeros, perm, x
     """Dense part: out[r, perm[j]] = scale * (code - zero) (MATVEC=False) or out[r] = sum_j that * x[perm[j]]."""
     r = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     rmask = r < OUT
-    # statistic codes are packed along the output dimension: row r's code starts at bit r * bits of its group
-    sbit = r.to(tl.int64) * QS_BITS
-    zbit = r.to(tl.int64) * (QZ_BITS if QQ else BITS)
-    s_words = OUT * QS_BITS // 32
-    z_words = OUT * (QZ_BITS if QQ else BITS) // 32
     acc = tl.zeros((BLOCK_OUT,), dtype=tl.float32)
     for j0 in range(0, IN, BLOCK_IN):
         j = j0 + tl.arange(0, BLOCK_IN)
         jmask = j < IN
         m = rmask[:, None] & jmask[None, :]
-        # weight codes: packed along the input dimension, word k of row r at qweight[k, r]
-        bit = j.to(tl.int64) * BITS
+        bit = j.to(tl.int64) * BITS  # weight codes are packed along the input dimension: word k of row r at [k, r]
         k = bit // 32
-        lo = tl.load(qweight + k[None, :] * OUT + r[:, None], mask=m, other=0)
-        field = lo.to(tl.uint32, bitcast=True).to(tl.int64)
-        if 32 % BITS != 0:
-            hi = tl.load(qweight + (k[None, :] + 1) * OUT + r[:, None], mask=m & ((k + 1) < IN * BITS // 32)[None, :],
-                         other=0)
-            field = field | (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-        code = ((field >> (bit % 32)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        code = _unpack(qweight, k[None, :] * OUT + r[:, None], OUT, (bit % 32)[None, :], m,
+                       ((k + 1) < IN * BITS // 32)[None, :], BITS)
         g = j // GS
         if QQ:
-            srow = g[None, :] * s_words + (sbit // 32)[:, None]
-            sf = tl.load(scode + srow, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-            if 32 % QS_BITS != 0:
-                sh = tl.load(scode + srow + 1, mask=m & ((sbit // 32 + 1) < s_words)[:, None], other=0)
-                sf = sf | (sh.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-            sc = ((sf >> (sbit % 32)[:, None]) & ((1 << QS_BITS) - 1)).to(tl.float32)
-            qidx = g[None, :] * (OUT // QQG) + (r // QQG)[:, None]
-            scale = tl.load(s_qs + qidx, mask=m, other=0).to(tl.float32) * (
-                sc - tl.load(s_qz + qidx, mask=m, other=0).to(tl.float32))
-            zrow = g[None, :] * z_words + (zbit // 32)[:, None]
-            zf = tl.load(zcode + zrow, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-            if 32 % QZ_BITS != 0:
-                zh = tl.load(zcode + zrow + 1, mask=m & ((zbit // 32 + 1) < z_words)[:, None], other=0)
-                zf = zf | (zh.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-            zc = ((zf >> (zbit % 32)[:, None]) & ((1 << QZ_BITS) - 1)).to(tl.float32)
-            zero = tl.load(z_qs + qidx, mask=m, other=0).to(tl.float32) * (
-                zc - tl.load(z_qz + qidx, mask=m, other=0).to(tl.float32))
+            q = g[None, :] * (OUT // QQG) + (r // QQG)[:, None]  # second-level statistics of (group, row)
+            sc = _stat(scode, OUT * QS_BITS // 32, g, r, m, QS_BITS)
+            s2, z2 = tl.load(s_qs + q, mask=m, other=0).to(tl.float32), tl.load(s_qz + q, mask=m, other=0)
+            scale = s2 * (sc - z2.to(tl.float32))
+            zc = _stat(zcode, OUT * QZ_BITS // 32, g, r, m, QZ_BITS)
+            s2, z2 = tl.load(z_qs + q, mask=m, other=0).to(tl.float32), tl.load(z_qz + q, mask=m, other=0)
+            zero = s2 * (zc - z2.to(tl.float32))
         else:
             scale = tl.load(s_qs + g[None, :] * OUT + r[:, None], mask=m, other=0).to(tl.float32)
-            zrow = g[None, :] * z_words + (zbit // 32)[:, None]
-            zf = tl.load(qzeros + zrow, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
-            if 32 % BITS != 0:
-                zh = tl.load(qzeros + zrow + 1, mask=m & ((zbit // 32 + 1) < z_words)[:, None], other=0)
-                zf = zf | (zh.to(tl.uint32, bitcast=True).to(tl.int64) << 32)
-            zero = ((zf >> (zbit % 32)[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
+            zero = _stat(qzeros, OUT * BITS // 32, g, r, m, BITS)
         w = scale * (code - zero)
         col = tl.load(perm + j, mask=jmask, other=0)
         if MATVEC:

@@ -121,13 +121,15 @@ class QuantConfig:
         for name in ("qq_scale_bits", "qq_zero_bits"):
             value = getattr(self, name)
             if value is not None and value not in PACKABLE_BITS:
-                raise StreamqError(f"--{name.replace('_', '-')} {value}: use one of {', '.join(map(str, PACKABLE_BITS))}")
+                choices = ", ".join(map(str, PACKABLE_BITS))
+                raise StreamqError(f"--{name.replace('_', '-')} {value}: use one of {choices}")
         if self.qq_groupsize < 1:
             raise StreamqError(f"--qq-groupsize {self.qq_groupsize}: must be a positive number of output rows")
         if not self.outlier_threshold > 0:  # also rejects nan
             raise StreamqError(f"--outlier-threshold {self.outlier_threshold}: must be positive (inf = no outliers)")
         if self.group_size == 1 and math.isfinite(self.outlier_threshold) and not self.simplified_outliers:
-            raise StreamqError("--group-size 1 leaves nothing to fit a leave-one-out grid on; use --simplified-outliers")
+            raise StreamqError("--group-size 1 leaves no other weight to fit a leave-one-out grid on; "
+                               "use --simplified-outliers")
 
     @property
     def maxq(self) -> int:

@@ -117,7 +117,7 @@ def test_kernels_in_fresh_process():
         pytest.skip("the kernel tests ran in this process")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "--noconftest", "-p", "no:cacheprovider",
-                          str(Path(__file__)), "-k", "kernels_match or linear_triton"], cwd=root, env=env,
+    args = ["-o", "addopts=", "-q", "--noconftest", "-p", "no:cacheprovider", "-k", "kernels_match or linear_triton"]
+    run = subprocess.run([sys.executable, "-m", "pytest", *args, str(Path(__file__))], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and f"{len(CASES) + 1} passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

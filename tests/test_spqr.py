@@ -96,7 +96,8 @@ def test_bits_per_parameter_by_hand():
     assert bits_per_parameter(32, 64, spqr(bits=4, group_size=16), 0) == 4 + 20 / 16 + 1.0
     # the near-lossless recipe on a 4096 x 4096 layer with 1% outliers: 4.63 bits as in the paper, + 1/128 for perm
     big = spqr(**NEAR_LOSSLESS)
-    assert bits_per_parameter(4096, 4096, big, 4096 * 4096 // 100) == pytest.approx(4 + 6 / 16 + 0.25 + 32 / 4096 + 0.32)
+    expected = 4 + 6 / 16 + 0.25 + 32 / 4096 + 0.32
+    assert bits_per_parameter(4096, 4096, big, 4096 * 4096 // 100) == pytest.approx(expected)
     for c in (cfg, spqr(bits=4, group_size=16, outlier_threshold=0.3)):
         W, H, _ = problem(spikes=5)
         r = spqr_quantize(W, H, dataclasses.replace(c, outlier_threshold=0.3))
@@ -176,7 +177,8 @@ def test_config_validation_and_preset():
     assert (cfg.outlier_threshold, cfg.act_order, cfg.damp, cfg.sym, kwargs["nsamples"]) == (0.2, True, 1.0, False, 128)
     assert "near-lossless" in PRESETS["spqr"]
     for bad, match in [(dict(sym=True), "asym"), (dict(qq_scale_bits=3), "set both"),
-                       (dict(qq_scale_bits=5, qq_zero_bits=3), "qq-scale-bits 5"), (dict(qq_groupsize=0), "qq-groupsize"),
+                       (dict(qq_scale_bits=5, qq_zero_bits=3), "qq-scale-bits 5"),
+                       (dict(qq_groupsize=0), "qq-groupsize"),
                        (dict(outlier_threshold=0.0), "outlier-threshold"),
                        (dict(outlier_threshold=math.nan), "outlier-threshold"),
                        (dict(act_order=True, static_groups=True), "static-groups"), (dict(damp=1.5), "damp")]:

@@ -105,7 +105,8 @@ def pack_spqr(result: SpQRResult, cfg: QuantConfig) -> dict[str, Tensor]:
         tensors["scales"] = _fp16(result.scale, "scales")
         tensors["qzeros"] = pack_bits(result.zero.to(torch.int64), cfg.bits, dim=1)
     else:
-        for stat, qq, bits in (("scale", result.scale_qq, cfg.qq_scale_bits), ("zero", result.zero_qq, cfg.qq_zero_bits)):
+        for stat, qq, bits in (("scale", result.scale_qq, cfg.qq_scale_bits),
+                               ("zero", result.zero_qq, cfg.qq_zero_bits)):
             tensors[f"{stat}_codes"] = pack_bits(qq.codes, bits, dim=1)
             tensors[f"{stat}_qq_scale"] = _fp16(qq.scale, "second-level scales")
             tensors[f"{stat}_qq_zero"] = _fp16(qq.zero, "second-level zeros")

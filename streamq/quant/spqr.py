@@ -6,13 +6,15 @@ with inverse-Hessian error feedback in lazy batches; each group of `group_size` 
 min-max statistics, fitted on the error-updated weights when the group starts, leaving out the weights whose
 leave-one-out error reduction exceeds the threshold; those statistics are quantized again over groups of
 `qq_groupsize` output rows (the dequantized values are what the weights are quantized with); a weight whose
-Hessian-weighted squared error exceeds tau * (the layer's mean sensitivity) is an outlier.
+error ((w - q) / U[c, c])^2 exceeds tau * mean_c(Var_rows W[:, c] / U[c, c]^2) is an outlier (U: the upper
+Cholesky factor of H^-1; the leave-one-out step uses the same absolute threshold).
 
 Deliberate differences from the reference, so the packed layer (formats/spqr.py) reproduces `weight` exactly:
   1. the second-level scale/zero are rounded to fp16 (how they are stored) before the statistics' codes are
      computed; the reference computes codes with fp32 values and stores fp16 ones;
-  2. an outlier is stored as an fp16 correction added to its dense dequantized value (the reference keeps the
-     fp32 weight in the engine and stores fp16): the engine uses that rounded value for the error feedback;
+  2. an outlier is stored as an fp16 correction added to the dense value of its own code (the reference keeps
+     the fp32 weight in the engine, stores it in fp16 and codes 0 there): the engine feeds back the error of
+     that rounded value, and kernels add outliers with no masking of the dense part;
   3. without second-level quantization the statistics are GPTQ's grid (`grid.fit_grid`, asym: the range contains
      0, fp16 scale, integer zero), so with tau = inf SpQR is exactly streamq's GPTQ; the reference keeps its
      float-zero min-max grid there;
@@ -99,7 +101,7 @@ def _second_level(stat: Tensor, bits: int, qq_groupsize: int) -> tuple[SecondLev
     scale = scale.clamp(_FP16_SMALLEST, _FP16_MAX).half().to(stat.dtype)
     zero = zero.clamp(-_FP16_MAX, _FP16_MAX).half().to(stat.dtype)
     codes = quantize_float_zero(groups, scale, zero, (1 << bits) - 1)
-    value = scale[:, None] * (codes - zero[:, None])
+    value = dequantize_float_zero(codes, scale, zero)
     return SecondLevel(codes.reshape(-1).to(torch.uint8), scale, zero), value.reshape(-1)
 
 
@@ -172,8 +174,10 @@ def spqr_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> SpQRResult:
     n_groups = cols // gs
     codes, Q = torch.zeros_like(W), torch.zeros_like(W)
     scales, zeros = W.new_zeros(n_groups, rows), W.new_zeros(n_groups, rows)
-    second: list[tuple[SecondLevel, SecondLevel]] = []
-    outliers: list[tuple[Tensor, int, Tensor]] = []  # (rows, permuted column, fp16 values)
+    scale_qqs: list[SecondLevel] = []
+    zero_qqs: list[SecondLevel] = []
+    outlier = torch.zeros_like(W, dtype=torch.bool)  # permuted order, as is residual (the outliers' fp16 values)
+    residual = torch.zeros_like(W, dtype=torch.float16)
     losses = W.new_zeros(rows)
     for i1, i2 in batch_bounds(cols, cfg.block_columns, gs):
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -184,17 +188,17 @@ def spqr_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> SpQRResult:
                 scale, zero, scale_qq, zero_qq = fit_group(W[:, c : c + gs], d[c : c + gs], threshold, cfg)
                 scales[c // gs], zeros[c // gs] = scale, zero
                 if qq:
-                    second.append((scale_qq, zero_qq))
+                    scale_qqs.append(scale_qq)
+                    zero_qqs.append(zero_qq)
             w = W1[:, i : i + 1]
             q_codes = (quantize_float_zero(w, scale, zero, cfg.maxq) if qq
                        else quantize_codes(w, scale, zero, cfg.maxq))
             q = dequantize(q_codes, scale, zero)
-            if math.isfinite(threshold):
-                is_out = ((w - q) / U1[i, i]).square()[:, 0] > threshold
-                if bool(is_out.any()):
-                    val = (w - q)[is_out, 0].half()
-                    q[is_out, 0] += val.to(dtype)
-                    outliers.append((is_out.nonzero()[:, 0], c, val))
+            if math.isfinite(threshold):  # outliers keep w, up to the fp16 rounding of their correction
+                is_out = ((w - q) / U1[i, i]).square() > threshold
+                val = torch.where(is_out, w - q, 0).half()
+                q = torch.where(is_out, q + val.to(dtype), q)
+                outlier[:, c : c + 1], residual[:, c : c + 1] = is_out, val
             codes[:, c : c + 1], Q[:, c : c + 1] = q_codes, q
             err = (w - q) / U1[i, i]
             losses += err[:, 0] ** 2 / 2
@@ -202,36 +206,28 @@ def spqr_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> SpQRResult:
             Err1[:, i : i + 1] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
-    row_ptr, col, val = _csr(outliers, perm, rows)
-    stack = (lambda k: SecondLevel(*(torch.stack([s[k][f] for s in second]) for f in range(3)))) if qq else None
+    invperm = torch.argsort(perm)
+    outlier, residual = outlier[:, invperm], residual[:, invperm]
+    row, col = outlier.nonzero(as_tuple=True)  # row-major: sorted by (row, original column)
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=W.device)
+    row_ptr[1:] = torch.cumsum(torch.bincount(row, minlength=rows), 0)
     return SpQRResult(
-        weight=Q[:, torch.argsort(perm)].float(),
+        weight=Q[:, invperm].float(),
         codes=codes.to(torch.uint8),
         scale=scales,
         zero=zeros,
-        scale_qq=stack(0) if qq else None,
-        zero_qq=stack(1) if qq else None,
+        scale_qq=_stack(scale_qqs) if qq else None,
+        zero_qq=_stack(zero_qqs) if qq else None,
         perm=perm,
         outlier_row_ptr=row_ptr,
         outlier_col=col,
-        outlier_val=val,
+        outlier_val=residual[row, col],
         loss=losses.sum().item(),
         n_outliers=int(col.numel()),
         damp=damp,
     )
 
 
-def _csr(outliers: list[tuple[Tensor, int, Tensor]], perm: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-column outlier lists -> CSR (row_ptr [rows + 1], original col, fp16 val), sorted by (row, col)."""
-    device = perm.device
-    if not outliers:
-        return (torch.zeros(rows + 1, dtype=torch.int64, device=device),
-                torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float16, device=device))
-    r = torch.cat([o[0] for o in outliers])
-    c = torch.cat([perm[o[1]].expand(o[0].numel()) for o in outliers])
-    v = torch.cat([o[2] for o in outliers])
-    order = torch.argsort(r * perm.numel() + c)
-    r, c, v = r[order], c[order], v[order]
-    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=device)
-    row_ptr[1:] = torch.cumsum(torch.bincount(r, minlength=rows), 0)
-    return row_ptr, c, v
+def _stack(per_group: list[SecondLevel]) -> SecondLevel:
+    """Per-group second levels (codes [out], scale/zero [out/qq]) -> one SecondLevel with a leading group dim."""
+    return SecondLevel(*(torch.stack(field) for field in zip(*per_group)))
