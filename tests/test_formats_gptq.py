@@ -11,13 +11,7 @@ from streamq.quant.gptq import gptq_quantize
 from streamq.quant.rtn import rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add hand-off latency (10x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def autogptq_pack_rows(intweight, bits):

@@ -13,13 +13,7 @@ from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.rtn import rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add hand-off latency (10x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_gptq(W, H, cfg):

@@ -8,13 +8,7 @@ from streamq.quant.grid import check_group_size, dequantize, fit_grid, quantize_
 from streamq.quant.rtn import rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add hand-off latency (10x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_grid(x, bits, sym):

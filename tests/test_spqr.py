@@ -18,13 +18,7 @@ from streamq.quant.spqr import SpQRResult, spqr_quantize
 from tests.spqr_reference import QQ, problem, reference_spqr, spqr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add hand-off latency on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NEAR_LOSSLESS = dict(bits=4, group_size=16, outlier_threshold=0.2, act_order=True, damp=1.0, **QQ)

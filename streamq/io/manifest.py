@@ -9,9 +9,10 @@ from pathlib import Path
 from streamq.errors import disk_full
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside folder durable (the directory entry itself)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or a folder by path; for a folder this makes the renames inside it durable.
+    Opened read-only: on POSIX that is how a directory entry is synced."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -32,7 +33,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             raise disk_full(path, len(data)) from None
         raise
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import _FP16_MAX, _FP16_TINY, QuantResult, check_group_size
+from streamq.quant.grid import _FP16_MAX, _FP16_TINY, QuantResult, check_group_size, grid_range
 
 Batch = Callable[[list[int]], Tensor]  # sample indices -> [len(idx), seq, hidden]
 
@@ -53,13 +53,7 @@ def qdq(t: Tunable, bits: int, sym: bool) -> tuple[Tensor, Tensor, Tensor, Tenso
     fp16 normal, asym zero clamped to [1, maxq]) applied to the range [alpha*wmin, beta*wmax] and W/scale + V.
     """
     maxq = (1 << bits) - 1
-    xmin, xmax = t.wmin * t.alpha, t.wmax * t.beta  # alpha, beta in [0, 1] keep xmin <= 0 <= xmax
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
+    xmin, xmax = grid_range(t.wmin * t.alpha, t.wmax * t.beta, sym)  # alpha, beta in [0, 1] keep xmin <= 0 <= xmax
     scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().float()  # the cast passes gradients through
     scale = torch.where(scale == 0, _FP16_TINY, scale)
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else _round_ste(-xmin / scale).clamp(1, maxq)

@@ -46,6 +46,16 @@ def inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
         warnings.warn(f"GPTQ: Hessian not positive definite; retrying with damp {damp:g}", RuntimeWarning)
 
 
+def working_copies(W: Tensor, H: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    """Copies of W [out, in] and H [in, in] on W's device in fp32 (fp64 when W is fp64); H must be finite."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.to(dtype, copy=True)
+    H = H.to(device=W.device, dtype=dtype, copy=True)
+    if not bool(torch.isfinite(H).all()):
+        raise StreamqError(f"{method}: Hessian has non-finite entries (inf/nan in the calibration activations?)")
+    return W, H
+
+
 def batch_bounds(cols: int, width: int, group: int | None) -> list[tuple[int, int]]:
     """[start, end) column ranges of the lazy batches: every `width` columns, also cut at every group start."""
     starts = set(range(0, cols, width)) | (set(range(0, cols, group)) if group else set())
@@ -60,11 +70,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     the caller's W and H are not modified. Returns original-column-order codes, per-group grids and
     g_idx (with act_order and non-static groups, groups follow the permuted order).
     """
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W = W.to(dtype, copy=True)
-    H = H.to(device=W.device, dtype=dtype, copy=True)
-    if not bool(torch.isfinite(H).all()):
-        raise StreamqError("GPTQ: Hessian has non-finite entries (inf/nan in the calibration activations?)")
+    W, H = working_copies(W, H, "GPTQ")
     rows, cols = W.shape
     gs = cols if cfg.group_size == -1 else cfg.group_size
     n_groups = math.ceil(cols / gs)

@@ -33,6 +33,16 @@ class QuantResult(NamedTuple):
     g_idx: Tensor  # [in] int32 group of each input column
 
 
+def grid_range(xmin: Tensor, xmax: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
+    """The range a grid spans, from xmin <= 0 <= xmax: symmetric about 0 when sym (unless nothing is negative,
+    as in the reference), and [-1, 1] where both are 0. Differentiable (AutoRound tunes xmin/xmax through it)."""
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
 def fit_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Min/max grid per row of w: [rows, cols] float -> (scale [rows], zero [rows]) in w's dtype.
 
@@ -42,15 +52,7 @@ def fit_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     before zero is derived, and asym zero is clamped to [1, maxq] for the GPTQ v1 checkpoint's zero-1.
     """
     maxq = (1 << bits) - 1
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
-
+    xmin, xmax = grid_range(w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0), sym)
     scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().to(w.dtype)
     scale = torch.where(scale == 0, _FP16_TINY, scale)
     if sym:

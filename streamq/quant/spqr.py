@@ -31,7 +31,7 @@ from torch import Tensor
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.gptq import batch_bounds, inverse_cholesky
+from streamq.quant.gptq import batch_bounds, inverse_cholesky, working_copies
 from streamq.quant.grid import check_group_size, dequantize, fit_grid, quantize_codes
 
 _EPS = 1e-9  # the reference's floor for a scale in a division
@@ -147,11 +147,8 @@ def spqr_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> SpQRResult:
     Computes in fp32 (fp64 when W is fp64, for comparisons with a plain solver); W and H are not modified.
     cfg: method "spqr" fields (bits, group_size, damp, act_order, block_columns, qq_*, outlier_threshold).
     """
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W = W.to(dtype, copy=True)
-    H = H.to(device=W.device, dtype=dtype, copy=True)
-    if not bool(torch.isfinite(H).all()):
-        raise StreamqError("SpQR: Hessian has non-finite entries (inf/nan in the calibration activations?)")
+    W, H = working_copies(W, H, "SpQR")
+    dtype = W.dtype
     rows, cols = W.shape
     gs = cols if cfg.group_size == -1 else cfg.group_size
     check_group_size(cols, gs, "SpQR")
