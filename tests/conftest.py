@@ -97,15 +97,27 @@ def _without_timing(obj):
 
 
 def output_snapshot(folder: Path) -> dict[str, str]:
-    """Every file under an output folder (hidden work folders included) -> sha256 of its bytes; the manifest
-    and report -> their JSON without TIMING_FIELDS. Two runs of one command must give equal snapshots."""
+    """Every file under an output folder (hidden work folders included) -> sha256 of its bytes, every folder
+    -> "folder"; the manifest and report -> their JSON without TIMING_FIELDS. Two runs of one command must
+    give equal snapshots."""
     import hashlib
 
     snap = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(folder.rglob("*")):
         rel = str(path.relative_to(folder))
-        if rel in ("streamq_manifest.json", "streamq_report.json"):
+        if path.is_dir():
+            snap[rel] = "folder"
+        elif rel in ("streamq_manifest.json", "streamq_report.json"):
             snap[rel] = json.dumps(_without_timing(json.loads(path.read_text())), sort_keys=True)
         else:
             snap[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return snap
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add hand-off latency (10x on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from streamq.cli import main
 from tests.conftest import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = ["--nsamples", "2", "--seqlen", "16", "--group-size", "32", "--no-progress"]
 
 
@@ -32,6 +34,13 @@ def assert_one_line_error(code, err, *words):
     assert len(err.splitlines()) == 1 and err.startswith("streamq: error:"), err
     for w in words:
         assert w in err, (w, err)
+
+
+def assert_nothing_complete(out):
+    """A failed run marks nothing complete: no config.json, and a manifest (if any) that says not complete."""
+    assert not (out / "config.json").exists()
+    manifest = out / "streamq_manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["complete"] is False
 
 
 def copy_model(src, dst):
@@ -68,7 +77,7 @@ def test_impossible_flags(model, tmp_path, capsys, flags, words):
     if exc is not None and hasattr(exc, "value"):
         code = exc.value.code
     assert_one_line_error(code, capsys.readouterr().err.strip(), *words)
-    assert not (tmp_path / "o" / "config.json").exists()
+    assert_nothing_complete(tmp_path / "o")
 
 
 class _no_raise:
@@ -81,6 +90,7 @@ class _no_raise:
 
 def test_missing_model_folder(tmp_path, capsys):
     assert_one_line_error(*run_cli(["compress", str(tmp_path / "nope"), str(tmp_path / "o")], capsys), "not found")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_unsupported_architecture(model, tmp_path, capsys):
@@ -90,18 +100,21 @@ def test_unsupported_architecture(model, tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps(config))
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
                           "gpt2", "llama", "mistral", "qwen2", "qwen3", "opt")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_config_not_json(model, tmp_path, capsys):
     bad = copy_model(model, tmp_path / "badjson")
     (bad / "config.json").write_text("{ not json")
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), "config.json", "JSON")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_config_without_model_type(model, tmp_path, capsys):
     bad = copy_model(model, tmp_path / "notype")
     (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), "model_type")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_pickle_checkpoint_refused(tmp_path, capsys, model):
@@ -111,6 +124,7 @@ def test_pickle_checkpoint_refused(tmp_path, capsys, model):
     (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
                           "pytorch_model.bin", "safetensors")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_truncated_safetensors(model, tmp_path, capsys):
@@ -119,6 +133,7 @@ def test_truncated_safetensors(model, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-100])
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
                           "model-00002-of-00002.safetensors", "truncated")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_header_offsets_lie(model, tmp_path, capsys):
@@ -133,6 +148,7 @@ def test_header_offsets_lie(model, tmp_path, capsys):
     new += b" " * (-len(new) % 8)
     shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), name)
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_missing_tensor(model, tmp_path, capsys):
@@ -144,6 +160,20 @@ def test_missing_tensor(model, tmp_path, capsys):
     save_file(tensors, bad / "model.safetensors")
     assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
                           "model.layers.1.mlp.up_proj.weight", "missing")
+    assert_nothing_complete(tmp_path / "o")
+
+
+def test_unusable_dtype(tmp_path, capsys):
+    bad = tmp_path / "fp8"
+    make_tiny_model(bad, "llama", n_layers=2, shards=1)
+    from safetensors.torch import load_file
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, bad / "model.safetensors")
+    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
+                          "model.safetensors", name, "F8_E4M3", "cannot use")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_nan_weight(tmp_path, capsys):
@@ -156,7 +186,7 @@ def test_nan_weight(tmp_path, capsys):
     out = tmp_path / "o"
     assert_one_line_error(*run_cli(["compress", str(bad), str(out), *FAST, "--calib", str(bad / "calib.txt")], capsys),
                           "model.layers.1.self_attn.k_proj.weight", "NaN")
-    assert not (out / "config.json").exists()
+    assert_nothing_complete(out)
     assert json.loads((out / "streamq_manifest.json").read_text())["complete"] is False
 
 
@@ -165,19 +195,23 @@ def test_calibration_text_too_short(model, tmp_path, capsys):
     short.write_text("Too short.")
     assert_one_line_error(*run_cli(["compress", str(model), str(tmp_path / "o"), *FAST, "--calib", str(short)],
                                    capsys), "short.txt", "16")
+    assert_nothing_complete(tmp_path / "o")
 
 
 def test_folder_of_another_run_refused(model, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["compress", str(model), str(out), "--calib", str(model / "calib.txt"), *FAST]) == 0
     capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     code, err = run_cli(["compress", str(model), str(out), "--calib", str(model / "calib.txt"), *FAST,
                          "--bits", "8"], capsys)
     assert_one_line_error(code, err, "method")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the other run's folder is left alone
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     assert_one_line_error(*run_cli(["compress", str(model), str(stranger), *FAST], capsys), "not a streamq output")
+    assert [p.name for p in stranger.iterdir()] == ["notes.txt"]
 
 
 def test_cli_entry_point_exit_code(tmp_path):

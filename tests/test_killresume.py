@@ -28,7 +28,7 @@ from tests.conftest import make_tiny_model, output_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 20240611
-KILLS = 24  # injected kill points per session (each one a SIGKILLed process)
+KILLS = 24  # injected kill points at least (each a SIGKILLed process); more until every category was hit
 CHAIN = 4  # kills on one folder before a plain run finishes it
 N_BLOCKS = 4
 
@@ -182,7 +182,8 @@ class ForkServer:
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    """(server, argv(out), the uninterrupted reference's snapshot, its events [kind, phase], its seconds)."""
+    """(server, argv(out), a temp folder, the uninterrupted reference run's snapshot, its events as
+    [kind, phase] pairs, its seconds)."""
     tmp = tmp_path_factory.mktemp("killresume")
     model = make_tiny_model(tmp / "m", "llama", n_layers=N_BLOCKS, shards=2)
     (tmp / "logs").mkdir()

@@ -17,6 +17,7 @@ import torch
 import zarr
 
 from streamq.errors import StreamqError, disk_full
+from streamq.io.manifest import fsync_path
 
 SLOTS = ("a", "b")
 FORMAT = "streamq-activations"
@@ -153,10 +154,10 @@ class ActivationStore:
         for folder, _, files in os.walk(slot_dir, topdown=False):
             for name in files:
                 if not name.endswith(".partial"):  # a write interrupted before its rename
-                    _fsync(os.path.join(folder, name))
-            _fsync(folder)
-        _fsync(os.path.join(self._path, "zarr.json"))
-        _fsync(self._path)
+                    fsync_path(os.path.join(folder, name))
+            fsync_path(folder)
+        fsync_path(os.path.join(self._path, "zarr.json"))
+        fsync_path(self._path)
 
     def iter_samples(self, slot: str, prefetch: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (i, sample [1, seqlen, hidden]) for i = 0..nsamples-1; with prefetch, sample i+1 is read
@@ -238,12 +239,3 @@ def _clear_for_create(path: str) -> None:
         shutil.rmtree(path)
     elif os.listdir(path):
         raise StreamqError(f"activation store {path}: folder is not empty and holds no activation store")
-
-
-def _fsync(path: str) -> None:
-    # Folders are opened read-only too: on POSIX that is how a directory entry is made durable.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
