@@ -6,21 +6,55 @@ from streamq.errors import StreamqError  # noqa: E402
 
 
 def compress(model, out, method: str = "gptq", preset: str | None = None, should_stop=lambda: False, **kwargs):
-    """Compress a Hugging Face model folder into a GPTQ-format folder.
+    """Compress a Hugging Face model folder into a GPTQ-format folder (SpQR: streamq's SpQR layout).
 
     kwargs: QuantConfig and RunOptions fields (None = the default); `seed` seeds both the calibration windows
-    and the method. preset: a named recipe of the method (`streamq.config.PRESETS`) whose values fill the
-    fields not given. should_stop: polled after each block; when it returns True the run stops there, raising
+    and the method. method "spqr" defaults to sym=False (its grids are asymmetric; sym=True is an error).
+    preset: a named recipe of the method (`streamq.config.PRESETS`) whose values fill the fields not given.
+    should_stop: polled after each block; when it returns True the run stops there, raising
     `streamq.interrupt.Interrupted` (the folder resumes with the same call).
+    max_ram / max_vram / max_disk: budgets in bytes; the run is planned inside them up front (`plan`), offload
+    chosen by the plan unless given, and refused with the smallest budget that would fit when none does.
     """
+    from streamq.pipeline import compress as run
+
+    budgets = {k: kwargs.pop(k, None) for k in BUDGETS}
+    cfg, opts = _configs(method, preset, kwargs)
+    if any(v is not None for v in budgets.values()):
+        from streamq.planner import apply_plan
+
+        opts = apply_plan(model, out, cfg, opts, kwargs.get("offload") is not None, **budgets)
+    return run(model, out, cfg, opts, should_stop)
+
+
+def plan(model, method: str = "gptq", preset: str | None = None, benchmark: bool = True, **kwargs):
+    """The plan of `compress(model, ..., method, preset, **kwargs)` without running it: bytes per block, largest
+    Hessian, activation store, output, predicted peak RAM / VRAM / disk and the decisions that keep the run
+    inside max_ram / max_vram / max_disk (bytes), as a `streamq.planner.Plan`; raises StreamqError naming the
+    smallest budget that fits when none does. benchmark: time a few kernels here to estimate the run time."""
+    from streamq.planner import make_plan
+
+    budgets = {k: kwargs.pop(k, None) for k in BUDGETS}
+    cfg, opts = _configs(method, preset, kwargs)
+    return make_plan(model, cfg, opts, **budgets, fixed_offload=kwargs.get("offload") is not None,
+                     benchmark=benchmark)
+
+
+BUDGETS = ("max_ram", "max_vram", "max_disk")
+
+
+def _configs(method: str, preset: str | None, kwargs: dict):
+    """(QuantConfig, RunOptions) from compress()'s keyword arguments."""
     from streamq.config import apply_preset
-    from streamq.pipeline import RunOptions, compress as run
+    from streamq.pipeline import RunOptions
 
     kwargs = apply_preset(method, preset, {k: v for k, v in kwargs.items() if v is not None})
+    if method == "spqr":
+        kwargs.setdefault("sym", False)
     fields = set(QuantConfig.__dataclass_fields__)
     cfg = QuantConfig(method=method, **{k: v for k, v in kwargs.items() if k in fields})
     opts = RunOptions(**{k: v for k, v in kwargs.items() if k not in fields or k == "seed"})
-    return run(model, out, cfg, opts, should_stop)
+    return cfg, opts
 
 
 def evaluate(model, data, seqlen: int = 2048, **kwargs) -> float:
@@ -31,10 +65,10 @@ def evaluate(model, data, seqlen: int = 2048, **kwargs) -> float:
 
 
 def load(folder, **kwargs):
-    """A transformers model whose Linears dequantize a streamq/GPTQ folder's weights on the fly."""
+    """A transformers model whose Linears dequantize a streamq (GPTQ or SpQR) folder's weights on the fly."""
     from streamq.loading import load_quantized
 
     return load_quantized(folder, **kwargs)
 
 
-__all__ = ["compress", "evaluate", "load", "QuantConfig", "StreamqError", "__version__"]
+__all__ = ["compress", "evaluate", "load", "plan", "QuantConfig", "StreamqError", "__version__"]

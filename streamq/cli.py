@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shlex
@@ -34,20 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format folder")
+    c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format (or SpQR) folder")
     c.add_argument("model", help="source model folder (config.json + *.safetensors)")
     c.add_argument("out", help="output folder")
-    c.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround"])
+    c.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround", "spqr"])
     c.add_argument("--preset", default=None, help="a named recipe: autoround light (50 iters, lr 5e-3) | best "
-                   "(1000 iters, 512 samples); explicit flags win")
-    c.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    c.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1 = per channel")
+                   "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
+                   "act-order, damp 1.0, asym, 128 samples); explicit flags win")
+    # Method flags default to None (= the QuantConfig default, or the preset's value) so a preset can fill them.
+    c.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
+    c.add_argument("--group-size", type=int, default=None, help="input columns per scale; -1 = per channel (128)")
     sym = c.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
-    c.add_argument("--act-order", action="store_true", help="quantize columns by descending Hessian diagonal")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric grid (default; spqr: refused, it is asym only)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points "
+                     "(the default of --method spqr)")
+    c.add_argument("--act-order", action="store_true", default=None,
+                   help="quantize columns by descending Hessian diagonal")
     c.add_argument("--static-groups", action="store_true", help="with --act-order: fit group grids up front")
-    c.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of mean diag (0.01)")
+    c.add_argument("--damp", type=float, default=None, help="Hessian dampening, fraction of mean diag (0.01)")
     c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="collect all Hessians of a block in one pass")
     c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
@@ -62,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grad-accum", type=int, default=None, help="forward passes per step (1)")
     a.add_argument("--no-minmax-tuning", dest="minmax_tuning", action="store_false", default=None,
                    help="tune the rounding only, not the per-group min/max range")
-    _add_compute_flags(c, offload_default="disk")
+    q = c.add_argument_group("SpQR")
+    q.add_argument("--qq-scale-bits", type=int, default=None,
+                   help="bits of the second-level quantization of group scales (with --qq-zero-bits; default: "
+                   "fp16 scales)")
+    q.add_argument("--qq-zero-bits", type=int, default=None, help="bits of the second-level quantization of zeros")
+    q.add_argument("--qq-groupsize", type=int, default=None, help="output rows per second-level scale/zero (16)")
+    q.add_argument("--outlier-threshold", type=float, default=None,
+                   help="tau: weights whose error exceeds tau * mean sensitivity stay fp16 (inf = none; default inf)")
+    q.add_argument("--simplified-outliers", action="store_true", default=None,
+                   help="fit group grids on all weights instead of leaving likely outliers out")
+    _add_compute_flags(c, offload_default=None)
     c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (5GB)")
     resume = c.add_mutually_exclusive_group()
     resume.add_argument("--restart", dest="resume", action="store_const", const="restart", default="auto",
@@ -71,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse to touch an existing OUT")
     c.add_argument("--keep-activations", action="store_true", help="keep the activation store after the run")
     c.add_argument("--no-progress", dest="progress", action="store_false")
+    b = c.add_argument_group("budgets (planned up front; see streamq plan)")
+    b.add_argument("--max-ram", type=parse_size, default=None, help="peak RAM, e.g. 16GB")
+    b.add_argument("--max-vram", type=parse_size, default=None, help="peak GPU memory, e.g. 10GB")
+    b.add_argument("--max-disk", type=parse_size, default=None, help="activation store + output, e.g. 100GB")
+
+    pl = sub.add_parser("plan", help="print a compress run's plan (bytes per block, peak RAM/VRAM/disk, time) "
+                        "without running it; takes compress's flags")
+    pl.add_argument("model", help="source model folder (config.json + *.safetensors)")
+    for action in c._actions:  # compress's options, shared as argparse's parents= would share them
+        if action.option_strings and action.dest != "help":
+            pl._add_action(action)
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--no-benchmark", dest="benchmark", action="store_false",
+                    help="skip the micro-benchmark behind the time estimate")
 
     e = sub.add_parser("eval", help="streaming perplexity of a source or compressed folder")
     e.add_argument("model")
@@ -100,7 +130,7 @@ def _add_compute_flags(p: argparse.ArgumentParser, offload_default: str) -> None
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
     p.add_argument("--offload", default=offload_default, choices=["disk", "ram"],
-                   help=f"where block activations live ({offload_default})")
+                   help=f"where block activations live ({offload_default or 'disk; with --max-ram: ram if it fits'})")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -116,6 +146,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                       f"streamq {shlex.join(argv)}", file=sys.stderr)
                 return stop.exit_code
         print(f"wrote {out}")
+    elif args.command == "plan":
+        from streamq.planner import format_plan
+
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "json", "benchmark")}
+        plan = streamq.plan(args.model, benchmark=args.benchmark, **kwargs)
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     elif args.command == "verify":
         from streamq.verify import verify
 

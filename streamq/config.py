@@ -113,7 +113,8 @@ class QuantConfig:
 
     def _check_spqr(self) -> None:
         if self.sym:
-            raise StreamqError("--method spqr: SpQR's grids are asymmetric min-max grids with zero points; pass --asym")
+            raise StreamqError("--method spqr: SpQR's grids are asymmetric min-max grids with zero points; "
+                               "drop --sym (SpQR uses --asym by default)")
         if self.static_groups:
             raise StreamqError("--static-groups is a GPTQ option; SpQR fits each group when it is reached")
         if (self.qq_scale_bits is None) != (self.qq_zero_bits is None):
@@ -137,4 +138,14 @@ class QuantConfig:
         return (1 << self.bits) - 1
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON-safe values: an infinite outlier_threshold is written as the string "inf" (JSON has
+        no infinity; Python's `Infinity` is not JSON). `from_dict` reads it back."""
+        d = dataclasses.asdict(self)
+        if math.isinf(d["outlier_threshold"]):
+            d["outlier_threshold"] = "inf"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        """Inverse of to_dict (validated like any config)."""
+        return cls(**{**d, "outlier_threshold": float(d.get("outlier_threshold", math.inf))})

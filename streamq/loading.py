@@ -1,4 +1,4 @@
-"""Load a streamq (GPTQ-format) output folder as a runnable transformers model."""
+"""Load a streamq output folder (GPTQ format, or streamq's SpQR layout) as a runnable transformers model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from streamq.errors import StreamqError
+from streamq.formats.spqr import config_from_quantization_config
 from streamq.io.blocks import build_layout, materialize
 from streamq.io.checkpoint import Checkpoint
 from streamq.pipeline import load_tokenizer, resolve_device
@@ -13,18 +14,21 @@ from streamq.qlinear import replace_linears
 
 
 def load_quantized(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """The model of a GPTQ-format folder: transformers' class, block Linears replaced by QuantLinear.
+    """The model of a GPTQ-format (or SpQR) folder: transformers' class, block Linears replaced by QuantLinear
+    (SpQRLinear).
 
     Everything not quantized (embeddings, norms, head) is cast to dtype; packed tensors stay as stored.
     """
     ckpt = Checkpoint(folder)
     q = ckpt.config.get("quantization_config") or {}
-    if q.get("quant_method") != "gptq":
-        raise StreamqError(f"{folder}: not a GPTQ-format folder (config.json has no gptq quantization_config)")
+    if q.get("quant_method") not in ("gptq", "spqr"):
+        raise StreamqError(f"{folder}: not a streamq output folder (config.json has no gptq or spqr "
+                           "quantization_config)")
+    spqr = config_from_quantization_config(q) if q["quant_method"] == "spqr" else None
     layout = build_layout(ckpt)
     with torch.device("meta"):
         for block in layout.layers:
-            replace_linears(block, q["bits"], q["group_size"])
+            replace_linears(block, q["bits"], q["group_size"], spqr=spqr)
     model = materialize(layout.model, "", ckpt, layout, resolve_device(device), dtype)
     model.config.use_cache = True
     return model.eval()

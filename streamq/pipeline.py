@@ -17,6 +17,7 @@ from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
+from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
 from streamq.io.blocks import ModelLayout, block_names, build_layout, load_block, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
@@ -87,43 +88,58 @@ def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dt
     return table[name]
 
 
+def linear_shapes(cfg: QuantConfig, lin: nn.Linear, n_outliers: int = 0) -> dict:
+    """Suffix -> (shape, dtype) of one quantized Linear's packed tensors (SpQR: holding n_outliers outliers)."""
+    if cfg.method == "spqr":
+        return spqr_format.packed_shapes(lin.out_features, lin.in_features, cfg, n_outliers)
+    return packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
+
+
+def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
+               n_outliers: dict[str, int] | None = None) -> Unit:
+    """Block i's output tensors; checks its layers. SpQR's outlier tensors are sized by the data: the unit is
+    marked sized_by_data, planned with none, and settled with n_outliers (Linear name -> count) once known."""
+    prefix = layout.block_prefix(i)
+    linears = layout.block_linears(i)
+    needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
+    missing = sorted(needed - set(ckpt.tensors))
+    if missing:
+        raise StreamqError(f"{ckpt.folder}: tensor {missing[0]} is missing from the checkpoint")
+    quantized = {prefix + n + ".weight": (n, m) for n, m in linears.items()}
+    specs = []
+    for name in block_names(layout, ckpt, i):
+        if name in quantized:
+            lin_name, lin = quantized[name]
+            check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
+            try:
+                shapes = linear_shapes(cfg, lin, (n_outliers or {}).get(lin_name, 0))
+            except StreamqError as e:
+                raise StreamqError(f"{prefix}{lin_name}: {e}") from None
+            stem = name[: -len("weight")]
+            specs += [TensorSpec(stem + k, dtype, shape) for k, (shape, dtype) in shapes.items()]
+        else:
+            info = ckpt.tensors[name]
+            specs.append(TensorSpec(name, DTYPES[info.dtype], info.shape))
+    return Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name)), sized_by_data=cfg.method == "spqr")
+
+
 def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> list[Unit]:
-    """Every output tensor's name, dtype and shape, known before any block runs; checks every layer."""
-    units = []
-    for i in range(layout.n_blocks):
-        prefix = layout.block_prefix(i)
-        linears = layout.block_linears(i)
-        needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
-        missing = sorted(needed - set(ckpt.tensors))
-        if missing:
-            raise StreamqError(f"{ckpt.folder}: tensor {missing[0]} is missing from the checkpoint")
-        quantized = {prefix + n + ".weight": (n, m) for n, m in linears.items()}
-        specs = []
-        for name in block_names(layout, ckpt, i):
-            if name in quantized:
-                lin_name, lin = quantized[name]
-                check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
-                try:
-                    shapes = packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
-                except StreamqError as e:
-                    raise StreamqError(f"{prefix}{lin_name}: {e}") from None
-                stem = name[: -len("weight")]
-                specs += [TensorSpec(stem + k, dtype, shape) for k, (shape, dtype) in shapes.items()]
-            else:
-                info = ckpt.tensors[name]
-                specs.append(TensorSpec(name, DTYPES[info.dtype], info.shape))
-        units.append(Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name))))
+    """Every output tensor's name, dtype and shape, known before any block runs (SpQR: up to the outlier
+    counts, see block_unit); checks every layer."""
+    units = [block_unit(layout, ckpt, cfg, i) for i in range(layout.n_blocks)]
     rest = [TensorSpec(n, DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in non_block_names(layout, ckpt)]
     units.append(Unit("rest", tuple(sorted(rest, key=lambda s: s.name))))
     return units
 
 
-def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict, bits: int) -> dict[str, torch.Tensor]:
-    """Block i's output tensors: packed GPTQ tensors for its Linears, everything else copied unchanged."""
+def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
+                  cfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """Block i's output tensors: its Linears packed (GPTQ or SpQR layout), everything else copied unchanged."""
     prefix = layout.block_prefix(i)
     out = {}
     for lin_name, (result, _) in results.items():
-        for k, t in pack_gptq(result, bits).items():
+        packed = spqr_format.pack_spqr(result, cfg) if cfg.method == "spqr" else pack_gptq(result, cfg.bits)
+        for k, t in packed.items():
             out[f"{prefix}{lin_name}.{k}"] = t.cpu()
     packed_weights = {f"{prefix}{n}.weight" for n in results}
     for name in block_names(layout, ckpt, i):
@@ -147,12 +163,12 @@ def fingerprint(ckpt: Checkpoint, cfg: QuantConfig, opts: RunOptions, tokens: to
 
 def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> dict[str, list[str]]:
     """Source tensor -> the output tensors standing for it: a quantized Linear's weight -> its packed GPTQ
-    tensors, anything else -> itself. Recorded in the manifest so `streamq verify` needs no source."""
+    (or SpQR) tensors, anything else -> itself. Recorded in the manifest so `streamq verify` needs no source."""
     packed = {}
     for i in range(layout.n_blocks):
         for name, lin in layout.block_linears(i).items():
             stem = f"{layout.block_prefix(i)}{name}."
-            shapes = packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
+            shapes = linear_shapes(cfg, lin)
             packed[stem + "weight"] = [stem + k for k in shapes]
     return {name: packed.get(name, [name]) for name in ckpt.names()}
 
@@ -198,7 +214,8 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     3. Open the output folder: fresh, or resumed from its manifest when the run fingerprint matches.
     4. Capture block-0 inputs into the activation store (skipped when resuming past block 0).
     5. Per block: materialize, quantize, write its outputs (next block's inputs) to the other store slot,
-       write its packed tensors into their shard, then record it in the manifest. Data first, manifest last.
+       write its packed tensors into their shard (SpQR: the block's own shard, laid out from its outlier
+       counts now), then record it in the manifest. Data first, manifest last.
        Stop here (Interrupted) when should_stop() says so: the folder resumes with the same call.
     6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
     """
@@ -222,6 +239,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return out
     writer.folder.mkdir(parents=True, exist_ok=True)
+    settle_written_units(layout, ckpt, cfg, writer, manifest)
     check_written_units(writer, manifest)
     store, kwargs = None, {}
     if tokens is not None:
@@ -241,10 +259,14 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
                 propagate(block, store, slot, kwargs, device)
         if store is not None:
             manifest["slot"] = store.other(slot)
-        manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", block_tensors(layout, ckpt, i, results, cfg.bits))
+        layers = layer_records(results, cfg)
+        if units[i].sized_by_data:  # SpQR: the outlier counts size the block's own shard
+            writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}))
+            manifest["plan"].update(writer.plan())
+        manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", block_tensors(layout, ckpt, i, results, cfg))
         release_block(layout, i)
         manifest["blocks"][str(i)] = {
-            "layers": {n: asdict(r) for n, (_, r) in results.items()},
+            "layers": layers,
             "seconds": time.perf_counter() - start,
         }
         manifest["next_block"] = i + 1
@@ -306,6 +328,29 @@ def load_tokenizer(folder: Path):
         raise StreamqError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
 
 
+def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:
+    """The block report's entry per Linear: its LayerReport; SpQR adds the outlier count (which also sizes the
+    block's shard on resume) and the bits per parameter as the SpQR paper counts them."""
+    records = {}
+    for name, (result, report) in results.items():
+        records[name] = asdict(report)
+        if cfg.method == "spqr":
+            out_features, in_features = result.codes.shape
+            records[name]["n_outliers"] = result.n_outliers
+            records[name]["bits_per_parameter"] = spqr_format.bits_per_parameter(out_features, in_features, cfg,
+                                                                                 result.n_outliers)
+    return records
+
+
+def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, writer: ShardWriter,
+                         manifest: dict) -> None:
+    """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports."""
+    for i in map(int, manifest["blocks"]):
+        if writer.units[f"block.{i}"].sized_by_data:
+            counts = {n: r["n_outliers"] for n, r in manifest["blocks"][str(i)]["layers"].items()}
+            writer.settle(block_unit(layout, ckpt, cfg, i, counts))
+
+
 def check_written_units(writer: ShardWriter, manifest: dict) -> None:
     """On resume, every unit the manifest calls done must still hash the same on disk."""
     for key, digest in manifest["units"].items():
@@ -365,7 +410,9 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
 
 
 def quantization_config(cfg: QuantConfig) -> dict:
-    """config.json's quantization_config as transformers / vLLM read GPTQ checkpoints."""
+    """config.json's quantization_config as transformers / vLLM read GPTQ checkpoints (SpQR: formats/spqr.py)."""
+    if cfg.method == "spqr":
+        return spqr_format.quantization_config(cfg, f"streamq:{__version__}")
     return {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
         "desc_act": cfg.act_order, "sym": cfg.sym, "static_groups": cfg.static_groups,
@@ -375,15 +422,20 @@ def quantization_config(cfg: QuantConfig) -> dict:
 
 
 def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device) -> dict:
-    """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight."""
-    quant_bytes = quant_weights = 0
+    """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight (stored
+    bytes; SpQR also as its paper counts them, with the outlier share, overall and per layer in "blocks")."""
+    quant_bytes = quant_weights = n_outliers = 0
+    paper_bits = 0.0  # SpQR: sum over layers of bits per parameter * parameters
     for i in range(layout.n_blocks):
+        layers = manifest["blocks"][str(i)]["layers"]
         for name, lin in layout.block_linears(i).items():
-            shapes = packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
+            shapes = linear_shapes(cfg, lin, layers[name].get("n_outliers", 0))
             quant_weights += lin.in_features * lin.out_features
             quant_bytes += sum(TensorSpec("", d, s).nbytes for s, d in shapes.values())
+            n_outliers += layers[name].get("n_outliers", 0)
+            paper_bits += layers[name].get("bits_per_parameter", 0.0) * lin.in_features * lin.out_features
     blocks = manifest["blocks"]
-    return {
+    report = {
         "streamq_version": __version__,
         "source": str(ckpt.folder),
         "method": cfg.to_dict(),
@@ -399,3 +451,7 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         "output_bytes": writer.total_size(),
         "shards": writer.names,
     }
+    if cfg.method == "spqr":
+        report.update(bits_per_parameter=paper_bits / max(1, quant_weights), n_outliers=n_outliers,
+                      outlier_share=n_outliers / max(1, quant_weights))
+    return report

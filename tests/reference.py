@@ -1,5 +1,5 @@
-"""A plain in-memory GPTQ/RTN reference on the full model, written as the IST-DASLab scripts do it: the whole
-model in RAM, all calibration inputs of a layer in one tensor, the sequential groups listed by hand per
+"""A plain in-memory GPTQ/RTN/SpQR reference on the full model, written as the IST-DASLab scripts do it: the
+whole model in RAM, all calibration inputs of a layer in one tensor, the sequential groups listed by hand per
 architecture, Hessians as 2/n * sum x^T x. Shares only the per-layer solvers and AutoRound's per-block tuner
 (tested on their own) with streamq."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from streamq.quant.autoround import autoround_block
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import relative_output_error
 from streamq.quant.rtn import rtn_quantize
+from streamq.quant.spqr import spqr_quantize
 
 SEQUENTIAL = {
     "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
@@ -71,8 +72,18 @@ def reference_autoround(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
 
 
 @torch.no_grad()
+def reference_spqr(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
+    """SpQR on the full model in RAM: the same capture, sequential groups and Hessians as reference_quantize,
+    each layer solved by spqr_quantize. Returns (fake-quantized model, {full linear name: SpQRResult})."""
+    assert cfg.method == "spqr"
+    model, results, _ = reference_quantize(model_dir, tokens, cfg)
+    return model, results
+
+
+@torch.no_grad()
 def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
-    """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)})."""
+    """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)});
+    method "spqr": SpQRResults and no errors (see reference_spqr)."""
     model, layers, prefix, inputs, kw = load_with_block0_inputs(model_dir, tokens)
     results, errors = {}, {}
     groups = SEQUENTIAL.get(model.config.model_type, SEQUENTIAL["default"])
@@ -92,6 +103,8 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
                 W = mods[n].weight.data.clone()
                 if cfg.method == "rtn":
                     r = rtn_quantize(W, cfg)
+                elif cfg.method == "spqr":
+                    r = spqr_quantize(W, H, cfg)
                 else:
                     r = gptq_quantize(W, H, cfg).result
                     errors[f"{prefix}.{i}.{n}"] = (relative_output_error(W, r.weight, H),

@@ -17,6 +17,8 @@ from tests.conftest import make_tiny_model
 from tests.reference import reference_autoround
 from tests.test_pipeline import read_all
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NS, SEQ = 8, 32
 RUN = dict(nsamples=NS, seqlen=SEQ, batch_size=4, progress=False)
 

@@ -19,14 +19,17 @@ import json, resource, sys, time
 import streamq
 args = json.loads(sys.argv[1])
 t = time.perf_counter()
+extra = {}
 if args["kind"] == "compress":
-    streamq.compress(args["model"], args["out"], progress=False, **args["kw"])
+    out = streamq.compress(args["model"], args["out"], progress=False, **args["kw"])
     value = None
+    report = json.loads((out / "streamq_report.json").read_text())
+    extra = {k: report[k] for k in ("bits_per_quantized_weight", "bits_per_parameter", "outlier_share") if k in report}
 else:
     value = streamq.evaluate(args["model"], args["data"], seqlen=args["seqlen"], max_windows=args["windows"],
                              progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "ppl": value,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
 """
 
 
@@ -50,7 +53,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--configs", default="rtn:4,gptq:4,rtn:3,gptq:3", help="method:bits list")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
-                   help="extra compress arguments, e.g. iters=50 batch_size=4 (AutoRound)")
+                   help="extra compress arguments, e.g. iters=50 batch_size=4 (AutoRound), "
+                   "preset='\"near-lossless\"' (SpQR; explicit bits/group size win)")
     p.add_argument("--skip-fp", action="store_true", help="do not evaluate the source model")
     p.add_argument("--work", type=Path, default=Path("bench-out"))
     p.add_argument("--results", type=Path, default=None, help="JSON lines file (default: WORK/results.jsonl)")
@@ -81,13 +85,18 @@ def main() -> None:
         ev = step({**evaluate, "model": str(out)})
         record({"config": f"{method} w{bits} g{a.group_size} {' '.join(a.set)}".strip(), "ppl": ev["ppl"],
                 "compress_seconds": made["seconds"], "compress_peak_rss_mb": made["peak_rss_mb"],
-                "eval_seconds": ev["seconds"], "eval_peak_rss_mb": ev["peak_rss_mb"]})
-    print(f"\n| config | ppl ({a.windows}x{a.seqlen}) | compress s | compress peak RSS MB | eval s | eval peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+                "eval_seconds": ev["seconds"], "eval_peak_rss_mb": ev["peak_rss_mb"],
+                **{k: v for k, v in made.items() if k.startswith(("bits_", "outlier_"))}})
+    print(f"\n| config | ppl ({a.windows}x{a.seqlen}) | compress s | compress peak RSS MB | eval s | eval peak RSS MB "
+          "| stored bits/weight | SpQR bits/param | outlier share |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        spqr = (f"{r['bits_per_parameter']:.3f} | {100 * r['outlier_share']:.2f}%" if "bits_per_parameter" in r
+                else " | ")
+        stored = f"{r['bits_per_quantized_weight']:.3f}" if "bits_per_quantized_weight" in r else ""
         print(f"| {r['config']} | {r['ppl']:.3f} | {r.get('compress_seconds', 0):.0f} | "
               f"{r.get('compress_peak_rss_mb', 0):.0f} | {r.get('eval_seconds', r.get('seconds')):.0f} | "
-              f"{r.get('eval_peak_rss_mb', r.get('peak_rss_mb')):.0f} |")
+              f"{r.get('eval_peak_rss_mb', r.get('peak_rss_mb')):.0f} | {stored} | {spqr} |")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ Dequantized, in fp32 and in this order of operations (the engine's, so the weigh
   scale[g, r] = scale_qq_scale[g, r // qq] * (scale_code[g, r] - scale_qq_zero[g, r // qq])   (zero alike)
   W[r, perm[j]] = scale[j // gs, r] * (code[r, j] - zero[j // gs, r]),  then W[r, col] += val per outlier.
 Packing is formats/gptq.py's little-endian bitstream (pack_bits) for every bit width.
+A folder's config.json says how to read these: quantization_config {quant_method: "spqr", checkpoint_format:
+"streamq-spqr", bits, group_size, qq_scale_bits, qq_zero_bits, qq_groupsize, outlier_threshold, ...}.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -61,7 +64,9 @@ def tensor_names(cfg: QuantConfig) -> tuple[str, ...]:
 
 def packed_shapes(out_features: int, in_features: int, cfg: QuantConfig,
                   n_outliers: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of one Linear's tensors; the outlier sizes depend on the data (n_outliers)."""
+    """Name -> (shape, dtype) of one Linear's tensors; the outlier sizes depend on the data (n_outliers).
+    Raises StreamqError when the layer's shape cannot be packed under cfg (checked before any block runs)."""
+    check_packable(out_features, in_features, cfg)
     gs = in_features if cfg.group_size == -1 else cfg.group_size
     G = in_features // gs
     shapes = {
@@ -80,6 +85,56 @@ def packed_shapes(out_features: int, in_features: int, cfg: QuantConfig,
         for name in _STATS_QQ[2:]:
             shapes[name] = ((G, out_features // cfg.qq_groupsize), torch.float16)
     return shapes
+
+
+def check_packable(out_features: int, in_features: int, cfg: QuantConfig) -> None:
+    """The layer's shape fits the layout: whole int32 words along both packed dimensions, whole second-level
+    groups, 16-bit outlier columns."""
+    if in_features * cfg.bits % 32:
+        raise StreamqError(f"cannot pack {cfg.bits}-bit codes: in_features {in_features} is not a multiple of "
+                           f"{32 // math.gcd(cfg.bits, 32)}")
+    if in_features > 1 << 16:
+        raise StreamqError(f"SpQR: in_features {in_features} does not fit the 16-bit outlier column indices")
+    if cfg.qq_scale_bits is None:
+        stats = (("zero", cfg.bits),)
+    else:
+        if out_features % cfg.qq_groupsize:
+            raise StreamqError(f"SpQR: --qq-groupsize {cfg.qq_groupsize} does not divide out_features {out_features}")
+        stats = (("scale", cfg.qq_scale_bits), ("zero", cfg.qq_zero_bits))
+    for what, bits in stats:
+        if out_features * bits % 32:
+            raise StreamqError(f"cannot pack {bits}-bit {what} codes: out_features {out_features} is not a multiple "
+                               f"of {32 // math.gcd(bits, 32)}")
+
+
+def quantization_config(cfg: QuantConfig, quantizer: str) -> dict:
+    """config.json's quantization_config of a SpQR folder: what `config_from_quantization_config` needs to load it
+    (bits, group sizes, second-level bits) and how it was made. JSON-safe: an infinite outlier threshold is "inf".
+
+    quant_method is "spqr", but the tensors are this module's layout (checkpoint_format "streamq-spqr"), not the
+    one transformers' own SpQR integration reads: load the folder with `streamq.load`."""
+    fields = cfg.to_dict()
+    return {
+        "quant_method": "spqr", "checkpoint_format": "streamq-spqr", "bits": cfg.bits, "group_size": cfg.group_size,
+        "qq_scale_bits": cfg.qq_scale_bits, "qq_zero_bits": cfg.qq_zero_bits, "qq_groupsize": cfg.qq_groupsize,
+        "outlier_threshold": fields["outlier_threshold"], "simplified_outliers": cfg.simplified_outliers,
+        "outlier_format": "csr: outlier_row_ptr int32, outlier_col int16 (uint16 bits), outlier_val fp16",
+        "permutation_order": "act_order" if cfg.act_order else "identity", "desc_act": cfg.act_order,
+        "sym": cfg.sym, "damp_percent": cfg.damp, "true_sequential": cfg.true_sequential,
+        "quantizer": [quantizer], "streamq_method": "spqr",
+    }
+
+
+def config_from_quantization_config(q: dict) -> QuantConfig:
+    """The method "spqr" QuantConfig written by quantization_config (the fields the layout depends on, and the
+    recipe)."""
+    return QuantConfig.from_dict({
+        "method": "spqr", "sym": False, "bits": q["bits"], "group_size": q["group_size"],
+        "qq_scale_bits": q.get("qq_scale_bits"), "qq_zero_bits": q.get("qq_zero_bits"),
+        "qq_groupsize": q.get("qq_groupsize", 16), "outlier_threshold": q.get("outlier_threshold", "inf"),
+        "simplified_outliers": q.get("simplified_outliers", False), "act_order": q.get("desc_act", False),
+        "damp": q.get("damp_percent", 0.01), "true_sequential": q.get("true_sequential", True),
+    })
 
 
 def _fp16(t: Tensor, what: str) -> Tensor:

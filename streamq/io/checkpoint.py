@@ -6,6 +6,7 @@ or lying file is reported by name before hours of work; tensors are then read on
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -16,6 +17,8 @@ import torch
 from safetensors import safe_open
 
 from streamq.errors import StreamqError
+from streamq.config import QuantConfig
+from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import dequantize_gptq
 
 # safetensors dtype names -> torch dtypes (the ones a decoder checkpoint can hold)
@@ -128,17 +131,26 @@ class Checkpoint:
         q = self.config.get("quantization_config") or {}
         return q.get("bits") if q.get("quant_method") == "gptq" else None
 
+    @functools.cached_property
+    def spqr_config(self) -> QuantConfig | None:
+        """The layout config of a SpQR folder (a streamq output), None otherwise."""
+        q = self.config.get("quantization_config") or {}
+        return spqr_format.config_from_quantization_config(q) if q.get("quant_method") == "spqr" else None
+
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor (a copy out of the memory map) and check it is finite.
 
-        In a GPTQ folder, "<linear>.weight" is served dequantized ([out, in] fp32) from its packed tensors,
-        so everything that streams a source model streams a compressed one too.
+        In a GPTQ or SpQR folder, "<linear>.weight" is served dequantized ([out, in] fp32) from its packed
+        tensors, so everything that streams a source model streams a compressed one too.
         """
         info = self.tensors.get(name)
         stem = name.removesuffix("weight")
         if info is None and self.gptq_bits and stem + "qweight" in self.tensors:
             parts = {k: self.get(stem + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
             return dequantize_gptq(parts, self.gptq_bits).to(device)
+        if info is None and self.spqr_config is not None and stem + "qweight" in self.tensors:
+            parts = {k: self.get(stem + k) for k in spqr_format.tensor_names(self.spqr_config)}
+            return spqr_format.dequantize_spqr(parts, self.spqr_config).to(device)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         handle = self._handles.get(info.file)

@@ -1,0 +1,187 @@
+"""What a compress run holds in memory and on disk, from config.json and the safetensors headers alone.
+
+Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the compute dtype; for a Linear L
+[out, in]: Hu = in^2 * 4 (its fp32 Hessian) and Wu = out * in * 4. On the CPU:
+
+    peak RAM  = baseline + RUN_OVERHEAD + store_ram + max(capture, block_0 .. block_n-1, finish)
+    store_ram = 2 * nsamples * seqlen * hidden * c      offload ram: both slots
+              | PREFETCH * seqlen * hidden * c           offload disk: the samples in flight
+    capture   = embeddings in c + max(one of them as read, fwd)                            stage 4
+    block_i   = BLOCK_SLACK * (Wc + max(read,                                              materialize
+                                        H_group + fwd + 2 * seqlen * in_max * 4 + R,      Hessian pass
+                                        H_group + solver(L) + R))                          solve, worst L
+    solver(L) = max(6 Hu + Wu, 2 Hu + 12 Wu) + SOLVER_SLACK  (+ Wu when c != 4: W.float() is a copy)
+    read      = a tensor as read: its isfinite mask, plus its mapped source bytes when it is cast
+    fwd       = seqlen * (8 * hidden + 4 * inter) * c      one sample through the block (sdpa, no mask)
+    R         = results kept until the block is packed: uint8 codes, + fp32 weights when c != 4
+    finish    = every non-block tensor as a mapped view + the largest isfinite mask
+    H_group   = sum of Hu over Linears whose Hessians are collected together; the pipeline finds its
+                true-sequential groups by tracing a forward, here they are the Linears of one parent module
+                with equal in_features (q/k/v/o for q/k/v: an upper bound); without true-sequential, all
+    baseline  = this process's RSS when planning (torch, transformers and the meta skeleton imported)
+
+solver(L) is fitted to ru_maxrss of gptq_quantize + relative_output_error on five shapes with bound_heap()
+in force (within 10 MB + 5%): the Cholesky phase holds the working H, its damped copy, the factor, the
+inverse, its factor and one LAPACK column-major copy; the error phase holds fp64 copies of H, W, Q, D, D @ H.
+BLOCK_SLACK covers the heap fragmentation a previous block leaves (the second block measured 15-20% above the
+first at equal shapes; later ones no higher). SpQR is planned as GPTQ.
+
+On a CUDA device the block terms count against VRAM, plus VRAM_RESERVE (context, allocator slack); the host
+keeps the tensor being read and CUDA_HOST_OVERHEAD. RTN: no Hessians, solver 6 Wu, no store, no forward.
+AutoRound (rougher): 9 fp32 copies of every Linear (weights, offsets, grads, best iterate, saved qdq) and
+samples_per_forward samples with their autograd activations (3 fwd each).
+peak disk = store (offload disk: both slots) + output (planned shards; SpQR counted without outliers) +
+tokenizer files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from streamq.config import QuantConfig
+from streamq.io.blocks import ModelLayout, block_names, non_block_names
+from streamq.io.checkpoint import DTYPES, Checkpoint
+from streamq.io.writer import ShardWriter, plan_shards
+from streamq.pipeline import TOKENIZER_FILES, RunOptions, plan_units
+
+RUN_OVERHEAD = 64 << 20  # added after planning: tokenizer, calibration, zarr, tqdm (measured 30 MB); heap noise
+PREFETCH = 3  # disk store samples in memory at once: the one in use, the one being read, its copy
+SOLVER_SLACK = 16 << 20  # LAPACK workspaces and small temporaries of one Linear's solve
+BLOCK_SLACK = 1.25
+VRAM_RESERVE = 512 << 20  # CUDA context and caching-allocator slack, not seen by max_memory_allocated
+CUDA_HOST_OVERHEAD = 1 << 30  # host RSS of an initialized CUDA runtime (an assumption: no GPU to measure on)
+MMAP_THRESHOLD = 4 << 20  # see bound_heap()
+
+
+def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.dtype, opts: RunOptions) -> dict:
+    """The sizes the model needs: per block (weights, read, Linears [out, in], Hessian groups), embeddings,
+    non-block tensors, store and output."""
+    c = dtype.itemsize
+    hf = layout.config
+    hidden = hf.hidden_size
+    inter = getattr(hf, "intermediate_size", None) or getattr(hf, "ffn_dim", None) or 4 * hidden
+
+    def in_compute(name: str) -> int:
+        info = ckpt.tensors[name]
+        return math.prod(info.shape) * c if DTYPES[info.dtype].is_floating_point else ckpt.nbytes(name)
+
+    def as_read(name: str) -> int:
+        """A tensor already in the compute dtype is used as the mapped view itself, counted in Wc."""
+        info = ckpt.tensors[name]
+        cast = DTYPES[info.dtype].is_floating_point and DTYPES[info.dtype] != dtype
+        return math.prod(info.shape) + (ckpt.nbytes(name) if cast else 0)
+
+    blocks = []
+    for i in range(layout.n_blocks):
+        names = block_names(layout, ckpt, i)
+        linears = {n: (m.out_features, m.in_features) for n, m in layout.block_linears(i).items()}
+        blocks.append({"weight_bytes": sum(map(in_compute, names)), "read_bytes": max(map(as_read, names), default=0),
+                       "linears": linears, "groups": hessian_groups(linears, cfg.true_sequential)})
+    # stage 4 materializes the decoder without its blocks (embeddings, positions, final norm)
+    layers = next(n for n, m in layout.decoder.named_modules() if m is layout.layers) + "."
+    decoder = next(n for n, m in layout.model.named_modules() if m is layout.decoder) + "."
+    embed = [decoder + n for n, _ in layout.decoder.named_parameters()
+             if not n.startswith(layers) and decoder + n in ckpt.tensors]
+    rest = non_block_names(layout, ckpt)
+    writer = ShardWriter(Path("."), plan_shards(plan_units(layout, ckpt, cfg), opts.shard_size))  # no IO
+    output = writer.total_size() + sum(len(h) for h in writer.headers if h is not None)
+    output += sum((ckpt.folder / n).stat().st_size for n in TOKENIZER_FILES if (ckpt.folder / n).exists())
+    return {
+        "c": c, "hidden": hidden, "inter": inter, "blocks": blocks,
+        "embed_bytes": sum(map(in_compute, embed)),
+        "embed_read_bytes": max(map(as_read, embed), default=0),
+        "rest_bytes": sum(map(ckpt.nbytes, rest)) + max((math.prod(ckpt.tensors[n].shape) for n in rest), default=0),
+        "slot_bytes": opts.nsamples * opts.seqlen * hidden * c,
+        "sample_bytes": opts.seqlen * hidden * c,
+        "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
+        "output_bytes": output,
+        "samples_per_forward": min(cfg.batch_size, opts.nsamples) if cfg.method == "autoround" else 1,
+    }
+
+
+def hessian_groups(linears: dict[str, tuple[int, int]], true_sequential: bool) -> list[list[str]]:
+    """Names of the Linears whose Hessians are held together (see the module docstring)."""
+    if not true_sequential:
+        return [list(linears)]
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, (_, inp) in linears.items():
+        groups.setdefault((name.rpartition(".")[0], inp), []).append(name)
+    return list(groups.values())
+
+
+def solver_bytes(method: str, out: int, inp: int, c: int) -> int:
+    """Transient bytes of solving one Linear [out, in] beyond its Hessian and weight."""
+    hu, wu = inp * inp * 4, out * inp * 4
+    copy = wu if c != 4 else 0
+    if method == "rtn":
+        return 6 * wu + copy
+    return max(6 * hu + wu, 2 * hu + 12 * wu) + SOLVER_SLACK + copy
+
+
+def block_bytes(b: dict, f: dict, method: str, seqlen: int) -> int:
+    """A block's high-water mark on its compute device, above the baseline and the store."""
+    c, fwd = f["c"], f["fwd_bytes"]
+    params = sum(o * i for o, i in b["linears"].values())
+    if method == "autoround":
+        batch = f["samples_per_forward"]
+        phases = [9 * params * 4 + batch * (3 * fwd + 2 * f["sample_bytes"] + seqlen * f["hidden"] * 4)]
+    elif method == "rtn":
+        phases = [max(solver_bytes("rtn", o, i, c) for o, i in b["linears"].values())]
+    else:
+        results = params * (1 + (4 if c != 4 else 0))
+        phases = []
+        for group in b["groups"]:
+            held = sum(b["linears"][n][1] ** 2 * 4 for n in group)
+            in_max = max(b["linears"][n][1] for n in group)
+            phases.append(held + fwd + 2 * seqlen * in_max * 4 + results)
+            phases.append(held + max(solver_bytes(method, *b["linears"][n], c) for n in group) + results)
+    return int(BLOCK_SLACK * (b["weight_bytes"] + max(b["read_bytes"], *phases)))
+
+
+def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: str, baseline: int,
+            max_vram: int | None) -> dict:
+    """Peak RAM / VRAM / disk for one offload choice ("ram" | "disk" | "none"), and per block (peak, device):
+    a block that does not fit --max-vram on a CUDA device is planned on the CPU."""
+    cuda = device.type == "cuda"
+    store_ram = {"ram": 2 * f["slot_bytes"], "disk": PREFETCH * f["sample_bytes"], "none": 0}[offload]
+    blocks, ram, vram = [], [f["rest_bytes"]], []
+    for b in f["blocks"]:
+        peak = block_bytes(b, f, method, seqlen)
+        on = "cpu" if not cuda or (max_vram is not None and peak + VRAM_RESERVE > max_vram) else str(device)
+        if on == "cpu":
+            ram.append(peak)
+        else:
+            ram.append(b["read_bytes"])
+            vram.append(peak)
+        blocks.append((peak, on))
+    if offload != "none":  # stage 4: embeddings on the device, each tensor read through the host
+        if cuda:
+            vram.append(f["embed_bytes"] + f["fwd_bytes"])
+            ram.append(f["embed_read_bytes"])
+        else:
+            ram.append(f["embed_bytes"] + max(f["embed_read_bytes"], f["fwd_bytes"]))
+    return {
+        "ram": baseline + RUN_OVERHEAD + store_ram + max(ram) + (CUDA_HOST_OVERHEAD if cuda else 0),
+        "vram": max(vram) + VRAM_RESERVE if vram else 0,
+        "disk": f["output_bytes"] + (2 * f["slot_bytes"] if offload == "disk" else 0),
+        "blocks": blocks,
+    }
+
+
+def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Ask glibc to give every allocation of `threshold` bytes or more its own mapping, returned to the OS when
+    freed. By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and keeps freed
+    blocks in a heap it rarely shrinks: a GPTQ block's RSS then measured 25-40% above its live tensors, varying
+    run to run; with the threshold fixed it follows the model above. Smaller temporaries (the GPTQ column
+    loop's) still come from the heap, so the loop does not pay page faults. Process-wide: compress() sets it
+    when a --max-* budget is given. Returns False where there is no glibc mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        return False

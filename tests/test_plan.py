@@ -1,0 +1,162 @@
+"""streamq plan / --max-ram: sizes equal hand-computed bytes, decisions follow the budgets, impossible budgets are
+refused up front with the smallest that fits, and a budgeted run stays under its budget (ru_maxrss)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import streamq
+from streamq import footprint
+from streamq.cli import main, parse_size
+from streamq.config import QuantConfig
+from streamq.errors import StreamqError
+from streamq.pipeline import TOKENIZER_FILES, RunOptions
+from streamq.planner import apply_plan, make_plan
+from tests.conftest import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(nsamples=2, seqlen=16, group_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """llama, 2 blocks, hidden 64, 4 heads of 16 (2 kv), inter 128, fp32."""
+    return make_tiny_model(tmp_path_factory.mktemp("plan") / "m", "llama", n_layers=2, shards=2)
+
+
+def test_sizes_equal_hand_computed_bytes(model, tmp_path):
+    p = streamq.plan(model, benchmark=False, calib=str(model / "calib.txt"), **FAST)
+    # q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128, two norms of 64; fp32 on the CPU
+    linear_params = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 128 * 64 + 64 * 128
+    assert [b.weight_bytes for b in p.blocks] == [4 * (linear_params + 2 * 64)] * 2
+    b = p.blocks[0]
+    assert (b.largest_linear, b.largest_linear_shape, b.hessian_bytes) == ("mlp.down_proj", (64, 128), 128 * 128 * 4)
+    assert b.hessians_at_once_bytes == max(4 * 64 * 64 * 4, 2 * 64 * 64 * 4, 128 * 128 * 4)  # q/k/v/o, gate/up, down
+    # the block's peak is the down_proj solve, by the formula documented in streamq/footprint.py
+    hu, wu = 128 * 128 * 4, 64 * 128 * 4
+    solve = hu + max(6 * hu + wu, 2 * hu + 12 * wu) + footprint.SOLVER_SLACK + linear_params
+    assert b.peak_bytes == int(footprint.BLOCK_SLACK * (b.weight_bytes + solve))
+    assert p.store_slot_bytes == 2 * 16 * 64 * 4 and p.store_bytes == 2 * p.store_slot_bytes
+    assert (p.offload, p.samples_per_forward, p.peak_vram_bytes) == ("disk", 1, 0)
+    assert p.peak_ram_bytes == (p.baseline_rss_bytes + footprint.RUN_OVERHEAD + footprint.PREFETCH * 16 * 64 * 4
+                                + b.peak_bytes)
+    assert p.peak_disk_bytes == p.output_bytes + p.store_bytes
+    # the output is exactly what compress writes: shards plus the copied tokenizer files
+    out = streamq.compress(model, tmp_path / "out", calib=str(model / "calib.txt"), **FAST)
+    written = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors" or f.name in TOKENIZER_FILES)
+    assert p.output_bytes == written
+
+
+def test_offload_follows_max_ram(model):
+    big = dict(nsamples=128, seqlen=512)  # slots of 16.8 MB: ram needs ~33 MB more than disk
+    cfg = QuantConfig(group_size=32)
+    disk = make_plan(model, cfg, RunOptions(offload="disk", **big))
+    ram = make_plan(model, cfg, RunOptions(offload="ram", **big))
+    assert ram.peak_ram_bytes - disk.peak_ram_bytes > 30 * 10**6
+    tight = make_plan(model, cfg, RunOptions(**big), max_ram=disk.peak_ram_bytes + 10**7, fixed_offload=False)
+    assert tight.offload == "disk" and "ram would need" in tight.offload_reason
+    roomy = make_plan(model, cfg, RunOptions(**big), max_ram=ram.peak_ram_bytes + 10**7, fixed_offload=False)
+    assert roomy.offload == "ram" and roomy.peak_disk_bytes == roomy.output_bytes
+    with pytest.raises(StreamqError, match="--max-ram"):  # --offload ram given: no falling back to disk
+        make_plan(model, cfg, RunOptions(offload="ram", **big), max_ram=disk.peak_ram_bytes + 10**7)
+    # only ram fits a disk budget smaller than the store
+    small_disk = make_plan(model, cfg, RunOptions(**big), max_disk=disk.output_bytes + 10**6, fixed_offload=False)
+    assert small_disk.offload == "ram"
+
+
+def test_resumed_run_keeps_disk(model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "streamq_manifest.json").write_text(json.dumps({"complete": False, "next_block": 1}))
+    opts = apply_plan(model, out, QuantConfig(group_size=32), RunOptions(nsamples=2, seqlen=16), False,
+                      max_ram=1 << 40)
+    assert opts.offload == "disk"
+    fresh = apply_plan(model, tmp_path / "new", QuantConfig(group_size=32), RunOptions(nsamples=2, seqlen=16),
+                       False, max_ram=1 << 40)
+    assert fresh.offload == "ram"
+
+
+def test_impossible_budget_refused_with_smallest_that_fits(model, tmp_path, capsys):
+    args = ["--calib", str(model / "calib.txt"), "--nsamples", "2", "--seqlen", "16", "--group-size", "32",
+            "--no-progress"]
+    streamq.plan(model, benchmark=False, nsamples=2, seqlen=16, group_size=32)  # imports paid: RSS steady
+    out = tmp_path / "out"
+    assert main(["compress", str(model), str(out), "--max-ram", "100MB", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("streamq: error: no plan fits --max-ram 100MB"), err
+    assert not out.exists()  # refused before anything was written
+    smallest = parse_size(re.search(r"smallest that fits is --max-ram (\S+)", err).group(1))
+    kw = dict(benchmark=False, nsamples=2, seqlen=16, group_size=32)
+    assert streamq.plan(model, max_ram=smallest, **kw).peak_ram_bytes <= smallest
+    with pytest.raises(StreamqError, match="smallest that fits"):
+        streamq.plan(model, max_ram=smallest - 5 * 10**6, **kw)
+    assert main(["plan", str(model), "--group-size", "32", "--max-ram", "1MB", "--no-benchmark"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-ram" in err, err
+    assert main(["plan", str(model), "--group-size", "32", "--max-disk", "1kB", "--no-benchmark"]) == 2
+    assert "smallest that fits is --max-disk" in capsys.readouterr().err
+
+
+def test_plan_cli_table_and_json(model, capsys):
+    assert main(["plan", str(model), "--nsamples", "4", "--seqlen", "32", "--group-size", "32"]) == 0
+    table = capsys.readouterr().out
+    for words in ("mlp.down_proj 64x128", "peak RAM", "peak disk", "time (estimate)", "micro-benchmark"):
+        assert words in table, table
+    assert main(["plan", str(model), "--nsamples", "4", "--seqlen", "32", "--group-size", "32", "--json",
+                 "--no-benchmark", "--max-ram", "64GB"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["offload"] == "ram" and plan["max_ram"] == 64 * 10**9 and plan["estimate_seconds"] is None
+    assert plan["store_slot_bytes"] == 4 * 32 * 64 * 4 and len(plan["blocks"]) == 2
+
+
+def test_cuda_blocks_over_max_vram_fall_back_to_cpu(model, tmp_path, monkeypatch):
+    """No GPU here: the device is injected (planning reads no tensor and touches no CUDA API)."""
+    monkeypatch.setattr("streamq.planner.resolve_device", lambda name: torch.device("cuda"))
+    cfg, opts = QuantConfig(group_size=32), RunOptions(nsamples=2, seqlen=16)
+    roomy = make_plan(model, cfg, opts, max_vram=80 * 10**9)
+    assert roomy.dtype == "float16" and not roomy.cpu_fallback_blocks  # auto: 16-bit on a GPU
+    assert roomy.peak_vram_bytes == max(b.peak_bytes for b in roomy.blocks) + footprint.VRAM_RESERVE
+    tight = make_plan(model, cfg, opts, max_vram=footprint.VRAM_RESERVE + 10**6)
+    assert tight.cpu_fallback_blocks == [0, 1] and [b.device for b in tight.blocks] == ["cpu", "cpu"]
+    assert tight.peak_ram_bytes > roomy.peak_ram_bytes  # the blocks' working sets moved to the host
+    with pytest.raises(StreamqError, match="not implemented yet; use --device cpu or --max-vram"):
+        apply_plan(model, tmp_path / "out", cfg, opts, True, max_vram=footprint.VRAM_RESERVE + 10**6)
+    assert not (tmp_path / "out").exists()
+
+
+CHILD = """
+import json, resource, sys
+import streamq
+from streamq.cli import main
+from streamq.planner import fmt_size
+model, out = sys.argv[1], sys.argv[2]
+plan = streamq.plan(model, benchmark=False, nsamples=8, seqlen=64, group_size=64)
+budget = fmt_size(plan.peak_ram_bytes + 8 * 10**6)  # + the RSS the plan itself may add before compress re-plans
+code = main(["compress", model, out, "--calib", model + "/calib.txt", "--nsamples", "8", "--seqlen", "64",
+             "--group-size", "64", "--no-progress", "--max-ram", budget])
+print(json.dumps({"code": code, "budget": budget, "baseline": plan.baseline_rss_bytes,
+                  "predicted": plan.peak_ram_bytes, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def test_budgeted_run_stays_under_max_ram(tmp_path):
+    """A run of blocks of 10 MB (fp32) whose down_proj solve holds ~100 MB, under --max-ram = its predicted peak:
+    ru_maxrss stays under the budget, and the measured growth above the planning baseline is 70-100% of the
+    predicted growth (the model is an upper bound that is not loose)."""
+    src = make_tiny_model(tmp_path / "m", "llama", n_layers=2, shards=2, hidden=512, inter=1536)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}  # a busy 2-core box: threads only add latency
+    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out")], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["code"] == 0
+    assert got["peak"] <= parse_size(got["budget"]), got
+    measured, predicted = got["peak"] - got["baseline"], got["predicted"] - got["baseline"]
+    assert 0.7 * predicted <= measured <= predicted, (measured, predicted)
+    assert json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())["complete"] is True

@@ -1,0 +1,146 @@
+"""Benchmark: peak RSS of `streamq compress` at real Llama widths is flat in depth and matches `streamq plan`.
+
+    python tools/bench_memory.py [--widths 7b,13b --blocks 2,8 --nsamples 4 --seqlen 256 --max-ram 20GB]
+
+For each width and block count, writes a random-weight Llama with that width (7b: hidden 4096, inter 11008,
+32 heads; 13b: 5120 / 13824 / 40; 65b: 8192 / 22016 / 64), that many blocks and a small vocabulary, as fp16
+safetensors (one shard per block, written tensor by tensor: a block at a time in memory, never the model).
+Then compresses it with GPTQ (4 bits, group 128) in a fresh subprocess under --max-ram (default: the RAM
+available now), after planning the same run there, and prints a markdown table: peak RSS (ru_maxrss) against
+the plan's predicted peak, seconds per block measured (streamq_report.json) and estimated by the plan's
+micro-benchmark. Models and outputs go to a temporary folder under --work, removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WIDTHS = {"7b": (4096, 11008, 32), "13b": (5120, 13824, 40), "65b": (8192, 22016, 64)}
+
+CHILD = """
+import json, resource, sys, time
+import streamq
+model, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kw = dict(nsamples=int(sys.argv[4]), seqlen=int(sys.argv[5]), calib=model + "/calib.txt", group_size=128,
+          progress=False)
+plan = streamq.plan(model, max_ram=budget, **kw)
+start = time.perf_counter()
+streamq.compress(model, out, max_ram=budget, **kw)
+report = json.load(open(out + "/streamq_report.json"))
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "plan": plan.to_dict(),
+                  "block_seconds": [b["seconds"] for b in report["blocks"].values()],
+                  "seconds": time.perf_counter() - start}))
+"""
+
+
+def write_model(folder: Path, hidden: int, inter: int, heads: int, n_blocks: int) -> Path:
+    """A random-weight fp16 Llama (tied nothing, vocab from a small trained tokenizer), one shard per block."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from tests.conftest import make_tokenizer, sample_text
+
+    folder.mkdir(parents=True)
+    tok = make_tokenizer()
+    tok.save_pretrained(folder)
+    (folder / "calib.txt").write_text(sample_text(), encoding="utf-8")
+    vocab = len(tok)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_blocks,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    config.dtype = torch.float16
+    config.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std):  # one fp32 tensor at a time, then fp16
+        return (torch.randn(*shape, generator=gen) * std).half()
+
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    n = n_blocks + 1
+    weight_map = {}
+    for i in range(n_blocks):
+        p = f"model.layers.{i}."
+        tensors = {p + name + ".weight": rand(*s, std=s[1] ** -0.5) for name, s in shapes.items()}
+        tensors[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.float16)
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.float16)
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    rest = {"model.embed_tokens.weight": rand(vocab, hidden, std=1.0), "lm_head.weight": rand(vocab, hidden, std=0.02),
+            "model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
+    name = f"model-{n:05d}-of-{n:05d}.safetensors"
+    save_file(rest, str(folder / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def run(model: Path, out: Path, budget: int, a: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), str(budget), str(a.nsamples),
+                        str(a.seqlen)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"compress of {model} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import psutil
+
+    from streamq.cli import parse_size
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", default="7b", help=f"comma-separated of {', '.join(WIDTHS)} or hidden/inter/heads")
+    p.add_argument("--blocks", default="2,8", help="block counts per width, comma-separated")
+    p.add_argument("--nsamples", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--max-ram", type=parse_size, default=None, help="budget (default: RAM available now)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: torch's)")
+    p.add_argument("--work", type=Path, default=None, help="folder for models and outputs (default: temp)")
+    a = p.parse_args()
+    budget = a.max_ram or psutil.virtual_memory().available
+    GB = 10**9
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="streamq-bench-memory-", dir=a.work))
+    try:
+        for width in a.widths.split(","):
+            hidden, inter, heads = WIDTHS.get(width) or map(int, width.split("/"))
+            for n in map(int, a.blocks.split(",")):
+                model = write_model(work / f"{width}-{n}", hidden, inter, heads, n)
+                got = run(model, work / f"{width}-{n}-out", budget, a)
+                shutil.rmtree(work / f"{width}-{n}")
+                shutil.rmtree(work / f"{width}-{n}-out")
+                plan = got["plan"]
+                per_block = sum(got["block_seconds"]) / n
+                label = f"{width} ({hidden}/{inter}/{heads})" if width in WIDTHS else width
+                rows.append(f"| {label} | {n} | {got['peak'] / GB:.2f} GB "
+                            f"| {plan['peak_ram_bytes'] / GB:.2f} GB | {got['peak'] / plan['peak_ram_bytes']:.2f} "
+                            f"| {plan['baseline_rss_bytes'] / GB:.2f} GB | {plan['offload']} | {per_block:.0f} "
+                            f"| {plan['estimate_seconds'] / n:.0f} | {got['seconds']:.0f} |")
+                print(rows[-1], file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"GPTQ w4 g128, {a.nsamples} samples x {a.seqlen} tokens, fp32 on the CPU, --max-ram "
+          f"{budget / GB:.1f} GB, OMP_NUM_THREADS={a.threads or 'default'}\n")
+    print("| width (hidden/inter/heads) | blocks | peak RSS | predicted | measured/predicted | baseline | offload "
+          "| s/block | s/block estimated | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
