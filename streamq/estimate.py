@@ -67,7 +67,6 @@ def block_seconds(b: dict, facts: dict, cfg: QuantConfig, tokens: int, seqlen: i
     lin = b["linears"]
     P = sum(o * i for o, i in lin.values())
     forward = (2 * tokens * P + 2 * tokens * seqlen * facts["hidden"]) / R
-    weight_ops = 0.0
     if cfg.method == "rtn":
         return 50 * P / R32
     if cfg.method == "autoround":
@@ -79,6 +78,7 @@ def block_seconds(b: dict, facts: dict, cfg: QuantConfig, tokens: int, seqlen: i
         done += sum(lin[n][0] * lin[n][1] for n in group)
         passes += done / P
     col_s = m["col_s"] * (2 if cfg.method == "spqr" else 1)
+    weight_ops = 0.0
     for out, inp in lin.values():
         weight_ops += 2 * tokens * inp * inp / R32
         weight_ops += 4 * m["chol_s"] * (inp / m["chol_n"]) ** 3

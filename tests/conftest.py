@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 CALIB = Path(__file__).resolve().parents[1] / "streamq" / "data" / "calib.txt"
 SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen-calib.txt"
@@ -121,3 +121,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def loaded_model_perplexity(out: Path, text: Path, seqlen: int, windows: int) -> float:
+    """Perplexity of `streamq.load(out)` run as one full model on the first `windows` seqlen-token windows."""
+    import streamq
+
+    model = streamq.load(out)
+    ids = AutoTokenizer.from_pretrained(out)(text.read_text(), add_special_tokens=False).input_ids
+    ids = torch.tensor(ids[: windows * seqlen]).view(windows, seqlen)
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return torch.exp(nll).item()

@@ -70,7 +70,8 @@ def test_offload_follows_max_ram(model):
     assert small_disk.offload == "ram"
 
 
-def test_resumed_run_keeps_disk(model, tmp_path):
+def test_resumed_run_keeps_disk(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(footprint, "bound_heap", lambda: True)  # process-wide: not for the test session
     out = tmp_path / "out"
     out.mkdir()
     (out / "streamq_manifest.json").write_text(json.dumps({"complete": False, "next_block": 1}))
