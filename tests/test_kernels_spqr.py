@@ -1,9 +1,6 @@
 """SpQR kernels (on CUDA, else Triton's CPU interpreter) against their torch references, the launchers' choice,
 SpQRLinear. Imports nothing that imports transformers, so it can run in a fresh process (see the last test)."""
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +27,7 @@ def device(monkeypatch) -> str:
     """Where the launchers' Triton path runs: CUDA when there is one, else CPU under TRITON_INTERPRET=1."""
     if torch.cuda.is_available():
         return "cuda"
-    if not interpreter_usable():
-        pytest.skip("Triton was imported without TRITON_INTERPRET=1: covered by test_kernels_in_fresh_process")
+    assert interpreter_usable(), "Triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return "cpu"
 
@@ -107,17 +103,3 @@ def check_spqr_linear(device):
     token = torch.randn(1, 1, 96)  # batch-1 decoding: the fused matvec
     torch.testing.assert_close(q(token.to(device)).cpu(), F.linear(token, r.weight, bias), rtol=1e-5, atol=1e-5)
 
-
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel tests ran on CUDA")
-def test_kernels_in_fresh_process():
-    """Where the kernel tests above were skipped, run this file again in a process that sets TRITON_INTERPRET=1
-    before anything imports Triton (no conftest: it imports transformers)."""
-    if interpreter_usable():
-        pytest.skip("the kernel tests ran in this process")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    args = ["-o", "addopts=", "-q", "--noconftest", "-p", "no:cacheprovider", "-k", "kernels_match or linear_triton"]
-    run = subprocess.run([sys.executable, "-m", "pytest", *args, str(Path(__file__))], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and f"{len(CASES) + 1} passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

@@ -151,7 +151,12 @@ def test_budgeted_run_stays_under_max_ram(tmp_path):
     ru_maxrss stays under the budget, and the measured growth above the planning baseline is 70-100% of the
     predicted growth (the model is an upper bound that is not loose)."""
     src = make_tiny_model(tmp_path / "m", "llama", n_layers=2, shards=2, hidden=512, inter=1536)
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}  # a busy 2-core box: threads only add latency
+    # a busy 2-core box: threads only add latency; one malloc arena, so the store's prefetch thread does not
+    # add an arena of its own whose fragmentation depends on scheduling
+    # and nothing else inherited from the test session
+    import os
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    env.update(OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")
     r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(tmp_path / "out")], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
