@@ -140,3 +140,35 @@ def loaded_model_perplexity(out: Path, text: Path, seqlen: int, windows: int) ->
         logits = model(ids).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     return torch.exp(nll).item()
+
+
+def assert_loads_to_engine_weights(out: Path, engine: dict, ref_model) -> None:
+    """streamq.load(out): every quantized layer dequantizes to exactly the engine's weight (name -> [out, in]),
+    and the logits match the fake-quantized reference model."""
+    import streamq
+
+    model = streamq.load(out)
+    for name, weight in engine.items():
+        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight), name
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def run_interrupted(monkeypatch, name: str, run) -> None:
+    """Call run() with streamq.pipeline.<name> raising KeyboardInterrupt on its second call (in block 1),
+    then put the real function back."""
+    from streamq import pipeline
+
+    real, calls = getattr(pipeline, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(pipeline, name, real)

@@ -9,11 +9,10 @@ import torch
 from transformers import AutoTokenizer
 
 import streamq
-from streamq import pipeline
 from streamq.calib.data import calibration_windows
 from streamq.cli import main
 from streamq.formats.gptq import unpack_gptq
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, run_interrupted
 from tests.reference import reference_autoround
 from tests.test_pipeline import read_all
 
@@ -76,18 +75,7 @@ def test_resume_after_interruption_is_byte_identical(src, tmp_path, monkeypatch)
     cfg = dict(bits=4, group_size=32, iters=8, shard_size=40_000)
     whole = file_bytes(run(src, tmp_path / "whole", **cfg))
     assert len([n for n in whole if n.endswith(".safetensors")]) > 1
-    real, calls = pipeline.autoround_step, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # in block 1, after its fp targets would have been written
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "autoround_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(src, tmp_path / "cut", **cfg)
-    monkeypatch.setattr(pipeline, "autoround_step", real)
+    run_interrupted(monkeypatch, "autoround_step", lambda: run(src, tmp_path / "cut", **cfg))  # in block 1
     assert json.loads((tmp_path / "cut" / "streamq_manifest.json").read_text())["next_block"] == 1
     assert file_bytes(run(src, tmp_path / "cut", **cfg)) == whole
 

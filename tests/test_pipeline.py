@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import streamq
 from streamq.calib.data import calibration_windows
 from streamq.formats.gptq import unpack_gptq
-from tests.conftest import loaded_model_perplexity, make_tiny_model
+from tests.conftest import assert_loads_to_engine_weights, loaded_model_perplexity, make_tiny_model
 from tests.reference import reference_quantize
 
 NS, SEQ = 6, 48
@@ -74,13 +74,8 @@ def test_act_order_output_loads_and_matches_fake_quant_logits(tmp_path, monkeypa
     monkeypatch.setattr(pipeline, "block_tensors", record)
     src, out, ref_model, ref, _ = run_both(tmp_path, "llama", "gptq", bits=4, group_size=16, act_order=True)
     assert_matches_reference(out, ref, 4)
-    model = streamq.load(out)
     assert set(engine) == set(ref)
-    for name, weight in engine.items():  # the loaded layers dequantize to exactly the engine's weights
-        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight), name
-    ids = torch.randint(0, model.config.vocab_size, (1, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-3, atol=1e-3)
+    assert_loads_to_engine_weights(out, engine, ref_model)
 
 
 def test_output_folder_layout(tmp_path):

@@ -15,7 +15,7 @@ from streamq.calib.data import calibration_windows
 from streamq.cli import main
 from streamq.formats.spqr import tensor_names, unpack_spqr
 from streamq.verify import verify
-from tests.conftest import loaded_model_perplexity, make_tiny_model
+from tests.conftest import assert_loads_to_engine_weights, loaded_model_perplexity, make_tiny_model, run_interrupted
 from tests.reference import reference_spqr
 from tests.test_autoround_pipeline import file_bytes, report
 from tests.test_pipeline import read_all
@@ -101,13 +101,8 @@ def test_folder_layout_index_and_verify(streamed):
 def test_loads_to_engine_weights_and_fake_quant_logits(streamed, reference, capsys):
     out, engine = streamed
     ref_model, ref = reference
-    model = streamq.load(out)
     assert set(engine) == set(ref)
-    for name, weight in engine.items():  # the loaded layers dequantize to exactly the engine's weights
-        assert torch.equal(model.get_submodule(name).dequantized_weight(), weight), name
-    ids = torch.randint(0, model.config.vocab_size, (1, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-3, atol=1e-3)
+    assert_loads_to_engine_weights(out, engine, ref_model)
     assert main(["generate", str(out), "It was", "--max-new-tokens", "3"]) == 0  # batch-1 decoding: matvec path
     assert capsys.readouterr().out.startswith("It was")
 
@@ -151,18 +146,7 @@ def test_report_bits_per_parameter_by_hand(streamed):
 def test_resume_after_interruption_is_byte_identical(src, tmp_path, monkeypatch):
     cfg = dict(bits=4, act_order=False, offload="disk")
     whole = file_bytes(run(src, tmp_path / "whole", **cfg))
-    real, calls = pipeline.quantize_block, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # in block 1, after block 0's shard is written
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "quantize_block", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(src, tmp_path / "cut", **cfg)
-    monkeypatch.setattr(pipeline, "quantize_block", real)
+    run_interrupted(monkeypatch, "quantize_block", lambda: run(src, tmp_path / "cut", **cfg))  # after block 0
     manifest = json.loads((tmp_path / "cut" / "streamq_manifest.json").read_text())
     assert manifest["next_block"] == 1
     plan = manifest["plan"]["units"]
