@@ -12,22 +12,23 @@ import torch
 from torch import nn
 
 from streamq import __version__
-from streamq.calib.capture import ModelEnds, run_block
+from streamq.blockwork import block_work
+from streamq.calib.capture import ModelEnds
 from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
+from streamq.fallback import with_fallback
 from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
-from streamq.io.blocks import ModelLayout, block_names, build_layout, load_block, non_block_names, release_block
+from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.manifest import read_json, write_json_atomic
+from streamq.io.prefetch import Prefetcher
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.progress import BlockProgress
-from streamq.quant.autoround import autoround_block
-from streamq.quant.block import LayerReport, quantize_block
-from streamq.quant.grid import QuantResult, check_group_size
+from streamq.quant.grid import check_group_size
 
 MANIFEST = "streamq_manifest.json"
 REPORT = "streamq_report.json"
@@ -241,38 +242,41 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     writer.folder.mkdir(parents=True, exist_ok=True)
     settle_written_units(layout, ckpt, cfg, writer, manifest)
     check_written_units(writer, manifest)
+    readahead = Prefetcher(ckpt)  # block i + 1's weights are read while block i computes
+    readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
     if tokens is not None:
         store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest)  # 4
 
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
-    for i in range(manifest["next_block"], layout.n_blocks):  # 5
-        start = time.perf_counter()
-        block = load_block(layout, ckpt, i, device, dtype)
-        slot = manifest["slot"]
-        if cfg.method == "autoround":
-            results = autoround_step(block, store, slot, kwargs, cfg, device)
-        else:
-            samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
-            results = quantize_block(block, samples, kwargs, cfg, device)
+    try:
+        for i in range(manifest["next_block"], layout.n_blocks):  # 5
+            start, store_io = time.perf_counter(), store.io_seconds if store else 0.0
+            io_wait = readahead.wait(i)
+            if i + 1 < layout.n_blocks:
+                readahead.start(i + 1, block_names(layout, ckpt, i + 1))
+            slot = manifest["slot"]
+            work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs, cfg, dev, dtype, lean)  # noqa
+            results = with_fallback(work, device, f"block {i + 1}/{layout.n_blocks}")
             if store is not None:
-                propagate(block, store, slot, kwargs, device)
-        if store is not None:
-            manifest["slot"] = store.other(slot)
-        layers = layer_records(results, cfg)
-        if units[i].sized_by_data:  # SpQR: the outlier counts size the block's own shard
-            writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}))
-            manifest["plan"].update(writer.plan())
-        manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", block_tensors(layout, ckpt, i, results, cfg))
-        release_block(layout, i)
-        manifest["blocks"][str(i)] = {
-            "layers": layers,
-            "seconds": time.perf_counter() - start,
-        }
-        manifest["next_block"] = i + 1
-        write_json_atomic(out / MANIFEST, manifest)
-        progress.block_done(i, results)
-        if should_stop(): raise Interrupted(i + 1, layout.n_blocks)  # SIGINT/SIGTERM: stop once block i is on disk
+                manifest["slot"] = store.other(slot)
+            layers = layer_records(results, cfg)
+            if units[i].sized_by_data:  # SpQR: the outlier counts size the block's own shard
+                writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}))
+                manifest["plan"].update(writer.plan())
+            written = time.perf_counter()
+            manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}",
+                                                                block_tensors(layout, ckpt, i, results, cfg))
+            io_wait += time.perf_counter() - written + (store.io_seconds - store_io if store else 0.0)
+            release_block(layout, i)
+            seconds = time.perf_counter() - start
+            manifest["blocks"][str(i)] = {"layers": layers, "seconds": seconds, "io_wait_seconds": io_wait}
+            manifest["next_block"] = i + 1
+            write_json_atomic(out / MANIFEST, manifest)
+            progress.block_done(i, results, seconds, io_wait)
+            if should_stop(): raise Interrupted(i + 1, layout.n_blocks)  # SIGINT/SIGTERM: stop once i is on disk
+    finally:
+        readahead.close()
     progress.close()
 
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device)  # 6
@@ -280,43 +284,6 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return out
-
-
-@torch.no_grad()
-def propagate(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, device: torch.device,
-              against_targets: bool = False) -> float | None:
-    """Run block over the samples in `slot`, writing its outputs into the other slot (the next block's inputs).
-
-    against_targets: the other slot holds reference outputs; return the relative error
-    sum ||out - ref||^2 / sum ||ref||^2 over all samples before they are overwritten.
-    """
-    other = store.other(slot)
-    sse = ref = 0.0
-    for j, x in store.iter_samples(slot):
-        y = run_block(block, x.to(device), kwargs)
-        if against_targets:
-            t = store.read(other, j).to(y.device, torch.float32)
-            sse += (y.float() - t).pow(2).sum().item()
-            ref += t.pow(2).sum().item()
-        store.write(other, j, y)
-    store.flush(other)
-    return sse / max(ref, 1e-30) if against_targets else None
-
-
-def autoround_step(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, cfg: QuantConfig,
-                   device: torch.device) -> dict[str, tuple[QuantResult, LayerReport]]:
-    """AutoRound on one block, streamed: the fp block's outputs go to the other slot as targets, the tuning loop
-    reads minibatches of inputs and targets from the store, then the quantized block's outputs replace the
-    targets. Every Linear's report carries the block's relative output error (AutoRound tunes them jointly)."""
-    start = time.perf_counter()
-    propagate(block, store, slot, kwargs, device)
-    other = store.other(slot)
-    tuned = autoround_block(block, lambda idx: torch.cat([store.read(slot, j) for j in idx]),
-                            lambda idx: torch.cat([store.read(other, j) for j in idx]),
-                            store.nsamples, kwargs, cfg, device)
-    error = propagate(block, store, slot, kwargs, device, against_targets=True)
-    seconds = (time.perf_counter() - start) / len(tuned)
-    return {name: (result, LayerReport(error, loss, 0.0, seconds)) for name, (result, loss) in tuned.items()}
 
 
 def load_tokenizer(folder: Path):
@@ -445,6 +412,7 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         "mean_layer_error": sum(r["error"] for b in blocks.values() for r in b["layers"].values())
         / max(1, sum(len(b["layers"]) for b in blocks.values())),
         "seconds_total": sum(b["seconds"] for b in blocks.values()),
+        "io_wait_seconds_total": sum(b.get("io_wait_seconds", 0.0) for b in blocks.values()),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_vram_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
         "bits_per_quantized_weight": 8 * quant_bytes / max(1, quant_weights),

@@ -1,4 +1,5 @@
-"""The progress bar over blocks: block i/N, ETA, per-block layer error, RAM / VRAM / store disk in use."""
+"""The progress bar over blocks: block i/N, ETA, per-block layer error, RAM / VRAM / store disk in use, and the
+share of time spent waiting on IO."""
 from __future__ import annotations
 
 import os
@@ -32,14 +33,18 @@ def _walk(path: str):
 class BlockProgress:
     def __init__(self, n_blocks: int, first: int, enabled: bool, device: torch.device, store):
         self.device, self.store = device, store
+        self.seconds = self.io_wait = 0.0
         self.bar = tqdm(total=n_blocks, initial=first, desc="blocks", unit="block", disable=not enabled,
                         dynamic_ncols=True)
 
-    def block_done(self, i: int, results: dict) -> None:
-        """results: Linear name -> (QuantResult, LayerReport)."""
+    def block_done(self, i: int, results: dict, seconds: float, io_wait: float) -> None:
+        """results: Linear name -> (QuantResult, LayerReport); seconds: the block's wall time, io_wait: the part
+        of it spent blocked on reads and writes."""
+        self.seconds, self.io_wait = self.seconds + seconds, self.io_wait + io_wait
         errors = {name: r.error for name, (_, r) in results.items()}
         worst = max(errors, key=errors.get)
         self.bar.set_postfix(err=f"{sum(errors.values()) / len(errors):.4f}",
+                             io=f"{100 * self.io_wait / max(self.seconds, 1e-9):.0f}%",
                              **memory_postfix(self.device, self.store.path if self.store else None))
         self.bar.write(f"block {i + 1}/{self.bar.total}: mean layer error {sum(errors.values()) / len(errors):.5f}, "
                        f"worst {worst} {errors[worst]:.5f}" + "".join(

@@ -91,7 +91,8 @@ def tiny_llama(tmp_path) -> Path:
 
 # Fields of streamq_report.json / streamq_manifest.json that differ between any two runs of the same command:
 # wall-clock seconds (per layer, per block, total) and peak RSS / VRAM.
-TIMING_FIELDS = ("seconds", "seconds_total", "peak_rss_bytes", "peak_vram_bytes")
+TIMING_FIELDS = ("seconds", "seconds_total", "io_wait_seconds", "io_wait_seconds_total", "peak_rss_bytes",
+                 "peak_vram_bytes")
 
 
 def _without_timing(obj):
@@ -156,11 +157,11 @@ def assert_loads_to_engine_weights(out: Path, engine: dict, ref_model) -> None:
 
 
 def run_interrupted(monkeypatch, name: str, run) -> None:
-    """Call run() with streamq.pipeline.<name> raising KeyboardInterrupt on its second call (in block 1),
+    """Call run() with streamq.blockwork.<name> raising KeyboardInterrupt on its second call (in block 1),
     then put the real function back."""
-    from streamq import pipeline
+    from streamq import blockwork
 
-    real, calls = getattr(pipeline, name), []
+    real, calls = getattr(blockwork, name), []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -168,7 +169,7 @@ def run_interrupted(monkeypatch, name: str, run) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, name, interrupted)
+    monkeypatch.setattr(blockwork, name, interrupted)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(pipeline, name, real)
+    monkeypatch.setattr(blockwork, name, real)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from streamq.calib.capture import ModelEnds, run_block
+from streamq.calib.capture import ModelEnds, batched_kwargs, run_block
 from streamq.calib.store import ActivationStore
 from streamq.config import AUTOROUND_PRESETS, QuantConfig
 from streamq.errors import StreamqError
 from streamq.formats.gptq import dequantize_gptq, pack_gptq
 from streamq.io.blocks import build_layout, load_block
 from streamq.io.checkpoint import Checkpoint
-from streamq.quant.autoround import _batched, autoround_block
+from streamq.quant.autoround import autoround_block
 from streamq.quant.rtn import rtn_quantize
 from tests.conftest import make_tiny_model
 
@@ -158,7 +158,7 @@ def test_keeps_best_iterate(data):
     assert 0 < losses.index(best) < cfg.iters - 1 and best < losses[-1]  # neither the RTN start nor the last
     idx = batches[losses.index(best)]
     with torch.no_grad():
-        out = run_block(block, X[idx], _batched(kwargs, len(idx), CPU))
+        out = run_block(block, X[idx], batched_kwargs(kwargs, len(idx), CPU))
     assert (out - Y[idx]).pow(2).mean().item() == pytest.approx(best, rel=1e-5)
 
 
@@ -178,7 +178,7 @@ def test_rounding_offsets_stay_within_half(data):
 def test_batched_forward_equals_per_sample(data):
     block, X, _, kwargs = data
     with torch.no_grad():
-        batched = run_block(block, X[:5], _batched(kwargs, 5, CPU))
+        batched = run_block(block, X[:5], batched_kwargs(kwargs, 5, CPU))
         single = torch.cat([run_block(block, X[i:i + 1], kwargs) for i in range(5)])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
 

@@ -42,7 +42,7 @@ build_layout(Checkpoint(sys.argv[1]))  # imports transformers' llama modules; me
 def install(job):
     """Hooks of one child: count events, SIGKILL at job["kill"] = [kind, n], pause at a block, log events."""
     import builtins, shutil
-    import streamq.io.manifest as M, streamq.io.writer as W, streamq.pipeline as P
+    import streamq.io.manifest as M, streamq.io.writer as W, streamq.pipeline as P, streamq.blockwork as B
     from streamq.calib.store import ActivationStore
     counts, log, phase = {}, [], ["setup"]
 
@@ -99,7 +99,7 @@ def install(job):
     wrap(ActivationStore, "flush", lambda *a: event("store.flush"))
     wrap(os, "replace", rename_kind)
     wrap(shutil, "rmtree", lambda *a, **k: event("rmtree"))
-    wrap(P, "load_block", block_start)
+    wrap(B, "load_block", block_start)
     original_finish = P.finish
     def finish(*a):
         finish_start()

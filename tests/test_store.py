@@ -119,8 +119,8 @@ def test_iter_samples_prefetch_in_order(kind, tmp_path):
     for i in range(N):
         store.write("a", i, xs[i])
     threads = []
-    read = store.read
-    store.read = lambda slot, i: (threads.append(threading.current_thread().name), read(slot, i))[1]
+    read = store._read
+    store._read = lambda slot, i: (threads.append(threading.current_thread().name), read(slot, i))[1]
     got = list(store.iter_samples("a"))
     assert [i for i, _ in got] == list(range(N))
     assert all(same_bits(x, xs[i]) for i, x in got)

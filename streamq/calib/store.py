@@ -6,9 +6,11 @@ sample); in RAM, two torch tensors with the same API.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +42,7 @@ class ActivationStore:
         self._tensors = tensors  # slot -> Tensor, in RAM
         # In RAM only; on disk a sample's chunk file is the record of it being written.
         self._written = {s: torch.zeros(nsamples, dtype=torch.bool) for s in SLOTS} if tensors is not None else None
+        self.io_seconds = 0.0  # time callers spent blocked on this store: reads not yet prefetched, writes, fsyncs
 
     @classmethod
     def on_disk(cls, path: str, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
@@ -108,6 +111,10 @@ class ActivationStore:
 
     def read(self, slot: str, i: int) -> torch.Tensor:
         """Sample i of ``slot``: [1, seqlen, hidden] CPU tensor of the store's dtype (a copy)."""
+        with self._blocked():
+            return self._read(slot, i)
+
+    def _read(self, slot: str, i: int) -> torch.Tensor:
         self._check_index(slot, i)
         if self._tensors is not None:
             if not self._written[slot][i]:
@@ -120,6 +127,10 @@ class ActivationStore:
 
     def write(self, slot: str, i: int, x: torch.Tensor) -> None:
         """Store x: [1, seqlen, hidden] of exactly the store's dtype, on any device, as sample i."""
+        with self._blocked():
+            self._write(slot, i, x)
+
+    def _write(self, slot: str, i: int, x: torch.Tensor) -> None:
         self._check_index(slot, i)
         if x.dtype != self.dtype or tuple(x.shape) != (1, self.seqlen, self.hidden):
             raise StreamqError(f"activation store: sample {i} is {tuple(x.shape)} {x.dtype}, "
@@ -142,6 +153,10 @@ class ActivationStore:
         """Make ``slot`` durable before a manifest points at it: fsync each chunk file, the metadata and
         the folders (zarr writes by rename, which a folder fsync makes durable). Raises if a sample was
         never written, so a manifest cannot point at a partial slot. In RAM only the check runs."""
+        with self._blocked():
+            self._flush(slot)
+
+    def _flush(self, slot: str) -> None:
         _check_slot(slot)
         missing = [i for i in range(self.nsamples) if not self._has(slot, i)]
         if missing:
@@ -169,11 +184,12 @@ class ActivationStore:
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-prefetch")
         try:
-            ahead = pool.submit(self.read, slot, 0)
+            ahead = pool.submit(self._read, slot, 0)
             for i in range(self.nsamples):
-                x = ahead.result()
+                with self._blocked():
+                    x = ahead.result()
                 if i + 1 < self.nsamples:
-                    ahead = pool.submit(self.read, slot, i + 1)
+                    ahead = pool.submit(self._read, slot, i + 1)
                 yield i, x
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -183,6 +199,15 @@ class ActivationStore:
         if self._path is not None and os.path.isdir(self._path):
             shutil.rmtree(self._path)
         self._arrays = self._tensors = None
+
+    @contextlib.contextmanager
+    def _blocked(self):
+        """Count the time inside the with-block in io_seconds."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.io_seconds += time.perf_counter() - start
 
     def _has(self, slot: str, i: int) -> bool:
         if self._tensors is not None:

@@ -86,8 +86,9 @@ class Checkpoint:
         self.files = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         self._headers: list[bytes] = []
+        self.data_start: dict[Path, int] = {}  # file -> byte offset of its data section
         for file in self.files:
-            header, _ = read_header(file)
+            header, self.data_start[file] = read_header(file)
             self._headers.append(json.dumps(header, sort_keys=True).encode())
             for name, e in header.items():
                 self.tensors[name] = TensorInfo(file, e["dtype"], tuple(e["shape"]), *e["data_offsets"])
@@ -164,6 +165,11 @@ class Checkpoint:
     def close(self) -> None:
         """Drop the memory maps: pages read through them would otherwise stay counted in RSS."""
         self._handles.clear()
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(file, first byte, end byte) of a stored tensor within its shard file."""
+        info = self.tensors[name]
+        return info.file, self.data_start[info.file] + info.begin, self.data_start[info.file] + info.end
 
     def nbytes(self, name: str) -> int:
         info = self.tensors[name]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from streamq.calib.capture import batched_kwargs
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
 from streamq.quant.grid import _FP16_MAX, _FP16_TINY, QuantResult, check_group_size, grid_range
@@ -64,13 +65,15 @@ def qdq(t: Tunable, bits: int, sym: bool) -> tuple[Tensor, Tensor, Tensor, Tenso
 
 def autoround_block(block: nn.Module, inputs: Batch, targets: Batch, nsamples: int, kwargs: dict, cfg: QuantConfig,
                     device: torch.device, on_iter: Callable[[int, float], None] | None = None,
-                    ) -> dict[str, tuple[QuantResult, float]]:
+                    chunk: int | None = None) -> dict[str, tuple[QuantResult, float]]:
     """Tune and quantize every nn.Linear of block (already on device) jointly; returns {name: (result, loss)}.
 
     inputs(idx) / targets(idx): the block's inputs and its fp outputs for samples idx, each [len(idx), seq,
     hidden]; only one minibatch is held at a time. kwargs: the block's forward kwargs captured for one sample
     (tensors with a leading dim of 1 are expanded to the minibatch). loss: the lowest minibatch MSE seen, that
-    of the returned weights; on_iter(i, loss) is called after every iteration. The fake-quantized weights are
+    of the returned weights; on_iter(i, loss) is called after every iteration. chunk: samples per forward pass
+(default cfg.batch_size); a smaller chunk feeds the same batch_size * grad_accum samples per step in more
+passes (the out-of-memory retry), the same gradient up to summation order. The fake-quantized weights are
     written into the block in its dtype; the block's requires_grad flags are left as found.
     """
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
@@ -81,7 +84,8 @@ def autoround_block(block: nn.Module, inputs: Batch, targets: Batch, nsamples: i
         for p in flags:
             p.requires_grad_(False)
         with torch.enable_grad():
-            loss = _tune(block, tunables, inputs, targets, nsamples, kwargs, cfg, device, dtype, on_iter)
+            loss = _tune(block, tunables, inputs, targets, nsamples, kwargs, cfg, device, dtype, on_iter,
+                         chunk or cfg.batch_size)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -96,7 +100,7 @@ def autoround_block(block: nn.Module, inputs: Batch, targets: Batch, nsamples: i
 
 
 def _tune(block, tunables: dict[str, Tunable], inputs: Batch, targets: Batch, nsamples: int, kwargs: dict,
-          cfg: QuantConfig, device, dtype, on_iter) -> float:
+          cfg: QuantConfig, device, dtype, on_iter, chunk: int) -> float:
     """Signed gradient descent on V / alpha / beta in place; leaves the best iterate in tunables. Returns its loss."""
     params = [t.V for t in tunables.values()]
     if cfg.minmax_tuning:
@@ -106,16 +110,16 @@ def _tune(block, tunables: dict[str, Tunable], inputs: Batch, targets: Batch, ns
     pick = min(nsamples, cfg.batch_size * cfg.grad_accum)
 
     def minibatch_loss(backward: bool) -> float:
-        """MSE over `pick` random samples, fed batch_size at a time; with backward, grads summed into params."""
+        """MSE over `pick` random samples, fed `chunk` at a time; with backward, grads summed into params."""
         idx = torch.randperm(nsamples, generator=sampler)[:pick].tolist()
         sse, count = 0.0, 0
-        for b in range(0, pick, cfg.batch_size):
-            part = idx[b:b + cfg.batch_size]
+        for b in range(0, pick, chunk):
+            part = idx[b:b + chunk]
             x = inputs(part).to(device, dtype)
             y = targets(part).to(device, torch.float32)
             weights = {f"{n}.weight": qdq(t, cfg.bits, cfg.sym)[0].reshape(t.W.shape[0], -1).to(dtype)
                        for n, t in tunables.items()}
-            out = functional_call(block, weights, (x,), _batched(kwargs, len(part), device))
+            out = functional_call(block, weights, (x,), batched_kwargs(kwargs, len(part), device))
             out = out[0] if isinstance(out, tuple) else out
             # Backward on the sum, not the mean: sign(grad) is the same, and the mean's 2*(out - y)/numel
             # would underflow in an fp16 backward.
@@ -177,17 +181,3 @@ def _result(t: Tunable, cfg: QuantConfig) -> QuantResult:
     g_idx = torch.arange(G * gs, device=t.W.device, dtype=torch.int32) // gs
     return QuantResult(weight.reshape(out_f, -1), codes.reshape(out_f, -1).to(torch.uint8),
                        scale.t().contiguous(), zero.t().contiguous().to(torch.uint8), g_idx)
-
-
-def _batched(kwargs: dict, n: int, device) -> dict:
-    """kwargs captured for one sample -> for n samples: tensors of 2+ dims with leading dim 1 (position ids and
-    embeddings, [1, 1, seq, seq] masks) are expanded as views; the samples share positions and mask, so this
-    is the per-sample forward computed as one batch."""
-    def expand(v):
-        if isinstance(v, Tensor):
-            v = v.to(device)
-            return v.expand(n, *v.shape[1:]) if v.dim() >= 2 and v.shape[0] == 1 else v
-        if isinstance(v, tuple):
-            return tuple(expand(x) for x in v)
-        return v
-    return {k: expand(v) for k, v in kwargs.items()}

@@ -62,10 +62,11 @@ def linear_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, names: list[str], samples: Samples, kwargs: dict,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """One pass over the samples; returns H [in, in] fp32 per named Linear."""
+                     device: torch.device, hessian_device: torch.device) -> dict[str, torch.Tensor]:
+    """One pass over the samples (block forward on device); returns H [in, in] fp32 on hessian_device per
+    named Linear."""
     modules = dict(block.named_modules())
-    accs = {n: HessianAccumulator(modules[n].in_features, device) for n in names}
+    accs = {n: HessianAccumulator(modules[n].in_features, hessian_device) for n in names}
     pending: set[str] = set()
 
     def hook(module, args, name):
@@ -92,7 +93,7 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
                     cfg: QuantConfig) -> tuple[QuantResult | SpQRResult, LayerReport]:
     """Solve one layer and write its fake-quantized weight back into the module (SpQRResult for method spqr)."""
     start = time.perf_counter()
-    W = linear.weight.detach().float()
+    W = linear.weight.detach().float() if H is None else linear.weight.detach().to(H.device, torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if cfg.method == "rtn":
@@ -106,15 +107,19 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
             out = gptq_quantize(W, H, cfg)
             result, loss, damp = out.result, out.loss, out.damp
             error = relative_output_error(W, result.weight, H)
-    linear.weight.data = result.weight.to(linear.weight.dtype)
+    linear.weight.data = result.weight.to(linear.weight.device, linear.weight.dtype)
     note = "; ".join(str(w.message) for w in caught)
     return result, LayerReport(error, loss, damp, time.perf_counter() - start, note)
 
 
 @torch.no_grad()
-def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig,
-                   device: torch.device) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
-    """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name."""
+def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig, device: torch.device,
+                   hessian_device: torch.device | None = None,
+                   ) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
+    """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name.
+
+    hessian_device: where the Hessians are accumulated and each layer solved (default: device); the CPU
+    when the block's forward fits the GPU but the Hessian work does not."""
     modules = dict(block.named_modules())
     if cfg.method == "rtn":  # data-free: no Hessians, no passes
         return {n: quantize_linear(m, None, cfg) for n, m in modules.items() if isinstance(m, nn.Linear)}
@@ -124,7 +129,7 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
         groups = [[n for g in groups for n in g]]
     results = {}
     for group in groups:
-        hessians = collect_hessians(block, group, samples, kwargs, device)
+        hessians = collect_hessians(block, group, samples, kwargs, device, hessian_device or device)
         for name in group:
             results[name] = quantize_linear(modules[name], hessians.pop(name), cfg)
     return results

@@ -1,0 +1,77 @@
+"""One decoder block's work: materialize it, quantize it with the method, and run it over the calibration
+samples so the other store slot holds the next block's inputs."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from streamq.calib.capture import batched_kwargs, run_block
+from streamq.calib.store import ActivationStore
+from streamq.config import QuantConfig
+from streamq.fallback import CPU
+from streamq.io.blocks import ModelLayout, load_block, release_block
+from streamq.io.checkpoint import Checkpoint
+from streamq.quant.autoround import autoround_block
+from streamq.quant.block import LayerReport, quantize_block
+from streamq.quant.grid import QuantResult
+
+
+def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
+               kwargs: dict, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
+               lean: bool = False) -> dict[str, tuple[QuantResult, LayerReport]]:
+    """Block i from its source weights on device: quantized (its Linears hold the fake-quantized weights) and,
+    with a store, its outputs on the samples of `slot` written to the other slot. Returns results by Linear.
+
+    lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU; AutoRound feeds half its
+    minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
+    """
+    release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
+    block = load_block(layout, ckpt, i, device, dtype)
+    kwargs = batched_kwargs(kwargs, 1, device)
+    if cfg.method == "autoround":
+        return autoround_step(block, store, slot, kwargs, cfg, device,
+                              chunk=max(1, cfg.batch_size // 2) if lean else None)
+    samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
+    results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
+    if store is not None:
+        propagate(block, store, slot, kwargs, device)
+    return results
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, device: torch.device,
+              against_targets: bool = False) -> float | None:
+    """Run block over the samples in `slot`, writing its outputs into the other slot (the next block's inputs).
+
+    against_targets: the other slot holds reference outputs; return the relative error
+    sum ||out - ref||^2 / sum ||ref||^2 over all samples before they are overwritten.
+    """
+    other = store.other(slot)
+    sse = ref = 0.0
+    for j, x in store.iter_samples(slot):
+        y = run_block(block, x.to(device), kwargs)
+        if against_targets:
+            t = store.read(other, j).to(y.device, torch.float32)
+            sse += (y.float() - t).pow(2).sum().item()
+            ref += t.pow(2).sum().item()
+        store.write(other, j, y)
+    store.flush(other)
+    return sse / max(ref, 1e-30) if against_targets else None
+
+
+def autoround_step(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, cfg: QuantConfig,
+                   device: torch.device, chunk: int | None = None) -> dict[str, tuple[QuantResult, LayerReport]]:
+    """AutoRound on one block, streamed: the fp block's outputs go to the other slot as targets, the tuning loop
+    reads minibatches of inputs and targets from the store, then the quantized block's outputs replace the
+    targets. Every Linear's report carries the block's relative output error (AutoRound tunes them jointly)."""
+    start = time.perf_counter()
+    propagate(block, store, slot, kwargs, device)
+    other = store.other(slot)
+    tuned = autoround_block(block, lambda idx: torch.cat([store.read(slot, j) for j in idx]),
+                            lambda idx: torch.cat([store.read(other, j) for j in idx]),
+                            store.nsamples, kwargs, cfg, device, chunk=chunk)
+    error = propagate(block, store, slot, kwargs, device, against_targets=True)
+    seconds = (time.perf_counter() - start) / len(tuned)
+    return {name: (result, LayerReport(error, loss, 0.0, seconds)) for name, (result, loss) in tuned.items()}
