@@ -10,7 +10,7 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
     block_i   = BLOCK_SLACK * (Wc + max(read,                                              materialize
                                         H_group + fwd + 2 * seqlen * in_max * 4 + R,      Hessian pass
                                         H_group + solver(L) + R))                          solve, worst L
-    solver(L) = max(6 Hu + Wu, 2 Hu + 12 Wu) + SOLVER_SLACK  (+ Wu when c != 4: W.float() is a copy)
+    solver(L) = max(4 Hu + Wu, Hu + 3 Wu + 4 min(Wu, ERROR_CHUNK)) + SOLVER_SLACK  (+ Wu when c != 4)
     read      = a tensor as read: its isfinite mask, plus its mapped source bytes when it is cast
     fwd       = seqlen * (8 * hidden + 4 * inter) * c      one sample through the block (sdpa, no mask)
     R         = results kept until the block is packed: uint8 codes, + fp32 weights when c != 4
@@ -20,9 +20,11 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
                 with equal in_features (q/k/v/o for q/k/v: an upper bound); without true-sequential, all
     baseline  = this process's RSS when planning (torch, transformers and the meta skeleton imported)
 
-solver(L) is fitted to ru_maxrss of gptq_quantize + relative_output_error on five shapes with bound_heap()
-in force (within 10 MB + 5%): the Cholesky phase holds the working H, its damped copy, the factor, the
-inverse, its factor and one LAPACK column-major copy; the error phase holds fp64 copies of H, W, Q, D, D @ H.
+solver(L) is fitted to ru_maxrss of gptq_quantize + relative_output_error on six shapes from 1024 to 11008
+wide with bound_heap() in force (an upper bound, within 110 MB or 10%): the Cholesky phase holds the working H
+and two of (damped copy, factor, inverse, its factor) at a time plus LAPACK's column-major copy; the column
+loop holds Hinv, the working W, Q and uint8 codes; the error takes rows a chunk at a time (4 temporaries).
+(W.float() is a copy when c != 4.)
 BLOCK_SLACK covers the heap fragmentation a previous block leaves (the second block measured 15-20% above the
 first at equal shapes; later ones no higher). SpQR is planned as GPTQ.
 
@@ -49,6 +51,7 @@ from streamq.pipeline import TOKENIZER_FILES, RunOptions, plan_units
 RUN_OVERHEAD = 64 << 20  # added after planning: tokenizer, calibration, zarr, tqdm (measured 30 MB); heap noise
 PREFETCH = 3  # disk store samples in memory at once: the one in use, the one being read, its copy
 SOLVER_SLACK = 16 << 20  # LAPACK workspaces and small temporaries of one Linear's solve
+ERROR_CHUNK = 16 << 20  # row chunk of relative_output_error (its default chunk_bytes); 4 such temporaries
 BLOCK_SLACK = 1.25
 VRAM_RESERVE = 512 << 20  # CUDA context and caching-allocator slack, not seen by max_memory_allocated
 CUDA_HOST_OVERHEAD = 1 << 30  # host RSS of an initialized CUDA runtime (an assumption: no GPU to measure on)
@@ -117,7 +120,7 @@ def solver_bytes(method: str, out: int, inp: int, c: int) -> int:
     copy = wu if c != 4 else 0
     if method == "rtn":
         return 6 * wu + copy
-    return max(6 * hu + wu, 2 * hu + 12 * wu) + SOLVER_SLACK + copy
+    return max(4 * hu + wu, hu + 3 * wu + 4 * min(wu, ERROR_CHUNK)) + SOLVER_SLACK + copy
 
 
 def block_bytes(b: dict, f: dict, method: str, seqlen: int) -> int:

@@ -18,7 +18,7 @@ from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.fallback import with_fallback
+from streamq.fallback import CPU, with_fallback
 from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
@@ -54,6 +54,7 @@ class RunOptions:
     resume: str = "auto"  # auto: continue a matching run | restart: discard it | never: refuse a used folder
     keep_activations: bool = False
     progress: bool = True
+    cpu_blocks: tuple[int, ...] = ()  # blocks run on the CPU whatever the device (planned from --max-vram)
 
     def __post_init__(self):
         if self.offload not in ("disk", "ram"):
@@ -257,7 +258,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
                 readahead.start(i + 1, block_names(layout, ckpt, i + 1))
             slot = manifest["slot"]
             work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs, cfg, dev, dtype, lean)  # noqa
-            results = with_fallback(work, device, f"block {i + 1}/{layout.n_blocks}")
+            results = with_fallback(work, CPU if i in opts.cpu_blocks else device, f"block {i + 1}/{layout.n_blocks}")
             if store is not None:
                 manifest["slot"] = store.other(slot)
             layers = layer_records(results, cfg)

@@ -134,16 +134,9 @@ def apply_plan(model, out, cfg: QuantConfig, opts: RunOptions, fixed_offload: bo
     if not fixed_offload and _resuming(Path(out), opts):
         opts, fixed_offload = dataclasses.replace(opts, offload="disk"), True
     plan = make_plan(model, cfg, opts, max_ram, max_vram, max_disk, fixed_offload)
-    if plan.cpu_fallback_blocks:
-        need = max(b.peak_bytes for b in plan.blocks) + footprint.VRAM_RESERVE
-        raise StreamqError(
-            f"--max-vram {fmt_size(max_vram)}: {len(plan.cpu_fallback_blocks)} of {plan.n_blocks} blocks need up "
-            f"to {fmt_size(need)} on {plan.device}, and running single blocks on the CPU is not implemented yet; "
-            f"use --device cpu or --max-vram {fmt_size(need)}")
     footprint.bound_heap()
-    if plan.offload in ("none", opts.offload):
-        return opts
-    return dataclasses.replace(opts, offload=plan.offload)
+    offload = opts.offload if plan.offload == "none" else plan.offload
+    return dataclasses.replace(opts, offload=offload, cpu_blocks=tuple(plan.cpu_fallback_blocks))
 
 
 def fmt_size(n: int | None) -> str:
@@ -242,8 +235,7 @@ def format_plan(p: Plan) -> str:
         f"  peak disk         {human(p.peak_disk_bytes)}{budget(p.max_disk)}",
     ]
     if p.cpu_fallback_blocks:
-        lines.append(f"  CPU fallback      blocks {p.cpu_fallback_blocks} do not fit --max-vram and would run on "
-                     "the CPU (not implemented by compress yet)")
+        lines.append(f"  CPU fallback      blocks {p.cpu_fallback_blocks} do not fit --max-vram and run on the CPU")
     if p.estimate_seconds is not None:
         lines.append(f"  time (estimate)   {_duration(p.estimate_seconds)} ({p.estimate_basis})")
     return "\n".join(lines)

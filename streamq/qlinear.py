@@ -1,5 +1,10 @@
 """Linears stored in a quantized layout that dequantize their weight on every forward: QuantLinear (GPTQ,
-plain torch) and SpQRLinear (SpQR, through streamq.kernels.spqr)."""
+plain torch) and SpQRLinear (SpQR, through streamq.kernels.spqr).
+
+On the CPU, bit-unpacking the codes costs several times the matmul itself, so the first forward keeps each
+layer's codes unpacked at one byte per weight (plus the group statistics in fp32) and later forwards only
+rebuild W from them: the packed buffers stay what state_dict() saves. On CUDA nothing is cached.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,11 +13,33 @@ from torch import nn
 
 from streamq.config import QuantConfig
 from streamq.formats import spqr as spqr_format
-from streamq.formats.gptq import dequantize_gptq, packed_shapes
-from streamq.kernels.spqr import spqr_dequantize, spqr_matvec
+from streamq.formats.gptq import dense_gptq, dequantize_gptq, packed_shapes, unpack_gptq
+from streamq.kernels.spqr import spqr_dequantize, spqr_matvec, use_triton
 
 
-class QuantLinear(nn.Module):
+class UnpackedCache(nn.Module):
+    """Holds `unpacked` (a GPTQTensors / SpQRTensors with uint8 codes) and forgets it whenever the packed
+    buffers may change: a state dict loaded, the module moved or cast."""
+
+    unpacked = None
+
+    def cached(self, unpack):
+        """self.unpacked, made by unpack() (codes narrowed to uint8: every width here is <= 8) on first use."""
+        if self.unpacked is None:
+            t = unpack()
+            self.unpacked = t._replace(codes=t.codes.to(torch.uint8))
+        return self.unpacked
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unpacked = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.unpacked = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+class QuantLinear(UnpackedCache):
     """y = x @ W^T + b with W [out, in] rebuilt from qweight/qzeros/scales/g_idx (see formats/gptq.py)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
@@ -25,13 +52,16 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """W: [out, in] fp32."""
-        return dequantize_gptq({k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}, self.bits)
+        packed = {k: getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+        if self.qweight.is_cuda:
+            return dequantize_gptq(packed, self.bits)
+        return dense_gptq(self.cached(lambda: unpack_gptq(packed, self.bits)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
 
-class SpQRLinear(nn.Module):
+class SpQRLinear(UnpackedCache):
     """y = x @ W^T + b with W [out, in] rebuilt from one Linear's SpQR tensors (see formats/spqr.py); a single
     token (x with in_features elements) takes the fused dequant-matvec instead of materializing W.
 
@@ -58,10 +88,12 @@ class SpQRLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """W: [out, in] fp32."""
-        return spqr_dequantize(self.tensors(), self.cfg)
+        if use_triton(self.qweight):
+            return spqr_dequantize(self.tensors(), self.cfg)
+        return spqr_format.dense_spqr(self.cached(lambda: spqr_format.unpack_spqr(self.tensors(), self.cfg)), self.cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features:  # batch-1 decoding
+        if x.numel() == self.in_features and use_triton(self.qweight):  # batch-1 decoding, fused kernel
             y = spqr_matvec(x.reshape(-1), self.tensors(), self.cfg).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)

@@ -6,9 +6,9 @@ For each width and block count, writes a random-weight Llama with that width (7b
 32 heads; 13b: 5120 / 13824 / 40; 65b: 8192 / 22016 / 64), that many blocks and a small vocabulary, as fp16
 safetensors (one shard per block, written tensor by tensor: a block at a time in memory, never the model).
 Then compresses it with GPTQ (4 bits, group 128) in a fresh subprocess under --max-ram (default: the RAM
-available now), after planning the same run there, and prints a markdown table: peak RSS (ru_maxrss) against
-the plan's predicted peak, seconds per block measured (streamq_report.json) and estimated by the plan's
-micro-benchmark. Models and outputs go to a temporary folder under --work, removed at the end.
+available now) and --max-vram, after planning the same run there, and prints a markdown table: peak RSS
+(ru_maxrss) against the plan's predicted peak, seconds per block measured (streamq_report.json) and estimated
+by the plan's micro-benchmark, the share of block time spent waiting on IO, and peak VRAM. Models and outputs go to a temporary folder under --work, removed at the end.
 """
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ import json, resource, sys, time
 import streamq
 model, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 kw = dict(nsamples=int(sys.argv[4]), seqlen=int(sys.argv[5]), calib=model + "/calib.txt", group_size=128,
-          progress=False)
+          progress=False, **json.loads(sys.argv[6]))
 plan = streamq.plan(model, max_ram=budget, **kw)
 start = time.perf_counter()
 streamq.compress(model, out, max_ram=budget, **kw)
 report = json.load(open(out + "/streamq_report.json"))
 print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "plan": plan.to_dict(),
                   "block_seconds": [b["seconds"] for b in report["blocks"].values()],
+                  "io_wait_seconds": report["io_wait_seconds_total"], "peak_vram": report["peak_vram_bytes"],
                   "seconds": time.perf_counter() - start}))
 """
 
@@ -92,7 +93,7 @@ def run(model: Path, out: Path, budget: int, a: argparse.Namespace) -> dict:
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     r = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), str(budget), str(a.nsamples),
-                        str(a.seqlen)], capture_output=True, text=True, env=env)
+                        str(a.seqlen), json.dumps(a.gpu)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"compress of {model} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -111,7 +112,10 @@ def main() -> None:
     p.add_argument("--max-ram", type=parse_size, default=None, help="budget (default: RAM available now)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: torch's)")
     p.add_argument("--work", type=Path, default=None, help="folder for models and outputs (default: temp)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--max-vram", type=parse_size, default=None, help="VRAM budget for --device cuda/auto")
     a = p.parse_args()
+    a.gpu = {"device": a.device, **({"max_vram": a.max_vram} if a.max_vram else {})}
     budget = a.max_ram or psutil.virtual_memory().available
     GB = 10**9
     rows = []
@@ -126,19 +130,22 @@ def main() -> None:
                 shutil.rmtree(work / f"{width}-{n}-out")
                 plan = got["plan"]
                 per_block = sum(got["block_seconds"]) / n
+                io_share = got["io_wait_seconds"] / max(sum(got["block_seconds"]), 1e-9)
                 label = f"{width} ({hidden}/{inter}/{heads})" if width in WIDTHS else width
                 rows.append(f"| {label} | {n} | {got['peak'] / GB:.2f} GB "
                             f"| {plan['peak_ram_bytes'] / GB:.2f} GB | {got['peak'] / plan['peak_ram_bytes']:.2f} "
                             f"| {plan['baseline_rss_bytes'] / GB:.2f} GB | {plan['offload']} | {per_block:.0f} "
-                            f"| {plan['estimate_seconds'] / n:.0f} | {got['seconds']:.0f} |")
+                            f"| {plan['estimate_seconds'] / n:.0f} | {100 * io_share:.1f}% "
+                            f"| {got['peak_vram'] / GB:.2f} GB | {got['seconds']:.0f} |")
                 print(rows[-1], file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"GPTQ w4 g128, {a.nsamples} samples x {a.seqlen} tokens, fp32 on the CPU, --max-ram "
-          f"{budget / GB:.1f} GB, OMP_NUM_THREADS={a.threads or 'default'}\n")
+    print(f"GPTQ w4 g128, {a.nsamples} samples x {a.seqlen} tokens, --device {a.device}, --max-ram "
+          f"{budget / GB:.1f} GB{f', --max-vram {a.max_vram / GB:.1f} GB' if a.max_vram else ''}, "
+          f"OMP_NUM_THREADS={a.threads or 'default'}\n")
     print("| width (hidden/inter/heads) | blocks | peak RSS | predicted | measured/predicted | baseline | offload "
-          "| s/block | s/block estimated | run s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| s/block | s/block estimated | IO wait | peak VRAM | run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -138,6 +138,24 @@ def unpack_gptq(tensors: dict[str, Tensor], bits: int) -> GPTQTensors:
 
 def dequantize_gptq(tensors: dict[str, Tensor], bits: int) -> Tensor:
     """Packed tensors -> W: [out, in] fp32, W[r, c] = scales[g_idx[c], r] * (codes[r, c] - zeros[g_idx[c], r])."""
-    codes, scales, zeros, g_idx = unpack_gptq(tensors, bits)
+    return dense_gptq(unpack_gptq(tensors, bits))
+
+
+def dense_gptq(t: GPTQTensors) -> Tensor:
+    """Unpacked tensors (codes of any integer dtype) -> W: [out, in] fp32 (see dequantize_gptq)."""
+    codes, scales, zeros, g_idx = t
+    n_groups, in_features = scales.shape[0], g_idx.numel()
+    if in_features % n_groups == 0 and torch.equal(g_idx.long(), torch.arange(in_features, device=g_idx.device)
+                                                     // (in_features // n_groups)):
+        return group_affine(codes, scales, zeros)  # groups of consecutive columns: no gather
     g = g_idx.long()
     return (scales[g].t() * (codes.float() - zeros[g].t().float())).contiguous()
+
+
+def group_affine(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """scale * (codes - zero) for codes [out, in] whose columns form G equal consecutive groups, scale / zero
+    [G, out]: [out, in] fp32, the same values as gathering the per-column statistics, without the gather."""
+    out_features, in_features = codes.shape
+    G = scale.shape[0]
+    c = codes.reshape(out_features, G, in_features // G).float()
+    return (scale.t().float()[:, :, None] * (c - zero.t().float()[:, :, None])).reshape(out_features, in_features)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.formats.gptq import pack_bits, unpack_bits
+from streamq.formats.gptq import group_affine, pack_bits, unpack_bits
 from streamq.quant.spqr import SpQRResult
 
 _STATS_QQ = ("scale_codes", "zero_codes", "scale_qq_scale", "scale_qq_zero", "zero_qq_scale", "zero_qq_zero")
@@ -194,13 +194,17 @@ def unpack_spqr(tensors: dict[str, Tensor], cfg: QuantConfig) -> SpQRTensors:
 
 def dequantize_spqr(tensors: dict[str, Tensor], cfg: QuantConfig) -> Tensor:
     """Packed tensors -> W: [out, in] fp32 (the plain-torch reference of kernels/spqr.py)."""
-    t = unpack_spqr(tensors, cfg)
-    in_features = t.perm.numel()
-    gs = in_features if cfg.group_size == -1 else cfg.group_size
-    g = torch.arange(in_features, device=t.codes.device) // gs
-    dense = t.scale[g].t() * (t.codes.float() - t.zero[g].t())  # [out, in], permuted columns
-    W = torch.empty_like(dense)
-    W[:, t.perm] = dense
+    return dense_spqr(unpack_spqr(tensors, cfg), cfg)
+
+
+def dense_spqr(t: SpQRTensors, cfg: QuantConfig) -> Tensor:
+    """Unpacked tensors (codes of any integer dtype) -> W: [out, in] fp32 (see dequantize_spqr)."""
+    dense = group_affine(t.codes, t.scale, t.zero)  # [out, in], permuted columns
+    if torch.equal(t.perm, torch.arange(t.perm.numel(), device=t.perm.device)):
+        W = dense
+    else:
+        W = torch.empty_like(dense)
+        W[:, t.perm] = dense
     rows = torch.repeat_interleave(torch.arange(t.row_ptr.numel() - 1, device=W.device), t.row_ptr.diff())
     W[rows, t.col] += t.val.float()
     return W

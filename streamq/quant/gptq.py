@@ -30,14 +30,20 @@ class GPTQResult(NamedTuple):
 
 
 def inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 (to 1.0 at most) on failure."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 (to 1.0 at most) on failure.
+
+    Holds at most two [in, in] matrices besides H at a time (each intermediate is dropped once used)."""
     mean_diag = H.diagonal().mean()
     while True:
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and bool(torch.isfinite(U).all()):
                 return U, damp
         if damp >= 1.0:
@@ -82,11 +88,13 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     if cfg.static_groups:  # grids from the original weights, in original column order
         grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym) for c in range(0, cols, gs)]
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    if cfg.act_order:  # (the identity permutation would only copy W and H)
+        W, H = W[:, perm], H[perm][:, perm]
     group_of = (perm // gs).tolist()  # static group of the column at each permuted position
     Hinv, damp = inverse_cholesky(H, cfg.damp)
+    del H  # the working copy: the column loop needs only Hinv
 
-    codes, Q = torch.zeros_like(W), torch.zeros_like(W)
+    codes, Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device), torch.zeros_like(W)
     scales, zeros = W.new_zeros(n_groups, rows), W.new_zeros(n_groups, rows)
     losses = W.new_zeros(rows)
     for i1, i2 in batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
@@ -100,8 +108,9 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
                 scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym)
                 scales[c // gs], zeros[c // gs] = scale, zero
             w, d = W1[:, i : i + 1], Hinv1[i, i]
-            codes[:, c : c + 1] = quantize_codes(w, scale, zero, cfg.maxq)
-            q = dequantize(codes[:, c : c + 1], scale, zero)
+            code = quantize_codes(w, scale, zero, cfg.maxq)
+            codes[:, c : c + 1] = code
+            q = dequantize(code, scale, zero)
             Q[:, c : c + 1] = q
             err = (w - q) / d
             losses += err[:, 0] ** 2 / 2
@@ -114,10 +123,12 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
         scales, zeros = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
     elif cfg.act_order:
         g_idx[perm] = g_idx.clone()  # group i // gs belongs to original column perm[i]
-    invperm = torch.argsort(perm)
+    if cfg.act_order:
+        invperm = torch.argsort(perm)
+        Q, codes = Q[:, invperm], codes[:, invperm]
     result = QuantResult(
-        weight=Q[:, invperm].float(),  # exact: fp16-representable scale times a small integer
-        codes=codes[:, invperm].to(torch.uint8),
+        weight=Q.float(),  # exact: fp16-representable scale times a small integer
+        codes=codes,
         scales=scales.float(),
         zeros=zeros.to(torch.uint8),
         g_idx=g_idx,
