@@ -14,6 +14,7 @@ import streamq.io.manifest
 import streamq.io.writer
 from streamq.cli import main
 from tests.conftest import make_tiny_model, output_snapshot
+from tests.faults import InterceptedFile, write_half
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,28 +37,13 @@ def full_after(n_writes: int):
     """An open() whose files take n_writes write() calls, then write half the next one and raise ENOSPC."""
     count = [0]
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
+    def on_write(f, data):
+        count[0] += 1
+        if count[0] > n_writes:
+            write_half(f, data)
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def write(self, data):
-            count[0] += 1
-            if count[0] > n_writes:
-                view = memoryview(data).cast("B")
-                self.f.write(view[: len(view) // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    return lambda *a, **k: Full(builtins.open(*a, **k))
+    return lambda *a, **k: InterceptedFile(builtins.open(*a, **k), on_write)
 
 
 def fill_disk(where: str, monkeypatch) -> None:

@@ -37,6 +37,7 @@ import json, os, signal, sys, time, traceback
 import streamq.cli, streamq.pipeline, streamq.verify
 from streamq.io.blocks import build_layout
 from streamq.io.checkpoint import Checkpoint
+from tests.faults import InterceptedFile, write_half
 build_layout(Checkpoint(sys.argv[1]))  # imports transformers' llama modules; meta device, so no compute
 
 def install(job):
@@ -54,22 +55,11 @@ def install(job):
                 torn()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    class Torn:  # a file whose write a kill can cut in half
-        def __init__(self, f, kind):
-            self.f, self.kind = f, kind
-        def write(self, data):
-            view = memoryview(data).cast("B")
-            event(self.kind, torn=lambda: (self.f.write(view[: len(view) // 2]), self.f.flush()))
-            return self.f.write(data)
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
+    def torn(kind):  # a file whose write a kill can cut in half
+        return lambda f, data: event(kind, torn=lambda: (write_half(f, data), f.flush()))
 
-    W.open = lambda *a, **k: Torn(builtins.open(*a, **k), "shard.write")
-    M.open = lambda *a, **k: Torn(builtins.open(*a, **k), "json.write")
+    W.open = lambda *a, **k: InterceptedFile(builtins.open(*a, **k), torn("shard.write"))
+    M.open = lambda *a, **k: InterceptedFile(builtins.open(*a, **k), torn("json.write"))
 
     def wrap(owner, name, before):
         original = getattr(owner, name)

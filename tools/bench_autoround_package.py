@@ -20,24 +20,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_smollm2 import step  # noqa: E402
+from bench_smollm2 import common_arguments, step  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="source folder (default: the cached SmolLM2)")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--data", required=True)
+    common_arguments(p, nsamples=32)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window (stride = seqlen)")
-    p.add_argument("--windows", type=int, default=20)
-    p.add_argument("--work", type=Path, default=Path("bench-out"))
     a = p.parse_args()
 
     import torch

@@ -41,22 +41,27 @@ def step(args: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_arguments(p: argparse.ArgumentParser, nsamples: int) -> None:
+    """Model, calibration and evaluation flags shared with tools/bench_autoround_package.py."""
     p.add_argument("--model", default=None, help="source folder (default: the cached SmolLM2, fetched if needed)")
     p.add_argument("--calib", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=nsamples)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window (stride = seqlen)")
     p.add_argument("--windows", type=int, default=20, help="evaluation windows")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--work", type=Path, default=Path("bench-out"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(p, nsamples=64)
     p.add_argument("--configs", default="rtn:4,gptq:4,rtn:3,gptq:3", help="method:bits list")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                    help="extra compress arguments, e.g. iters=50 batch_size=4 (AutoRound), "
                    "preset='\"near-lossless\"' (SpQR; explicit bits/group size win)")
     p.add_argument("--skip-fp", action="store_true", help="do not evaluate the source model")
-    p.add_argument("--work", type=Path, default=Path("bench-out"))
     p.add_argument("--results", type=Path, default=None, help="JSON lines file (default: WORK/results.jsonl)")
     a = p.parse_args()
     if a.model is None:
