@@ -9,7 +9,8 @@ def compress(model, out, method: str = "gptq", preset: str | None = None, should
     """Compress a Hugging Face model folder into a GPTQ-format folder (SpQR: streamq's SpQR layout).
 
     kwargs: QuantConfig and RunOptions fields (None = the default); `seed` seeds both the calibration windows
-    and the method. method "spqr" defaults to sym=False (its grids are asymmetric; sym=True is an error).
+    and the method. method "spqr" defaults to sym=False (its grids are asymmetric; sym=True is an error);
+    method "autoround" with sym defaults to full_range=True (auto-round's symmetric grid).
     preset: a named recipe of the method (`streamq.config.PRESETS`) whose values fill the fields not given.
     should_stop: polled after each block; when it returns True the run stops there, raising
     `streamq.interrupt.Interrupted` (the folder resumes with the same call).
@@ -51,6 +52,8 @@ def _configs(method: str, preset: str | None, kwargs: dict):
     kwargs = apply_preset(method, preset, {k: v for k, v in kwargs.items() if v is not None})
     if method == "spqr":
         kwargs.setdefault("sym", False)
+    if method == "autoround" and kwargs.get("sym", True):
+        kwargs.setdefault("full_range", True)  # the reference's symmetric grid
     fields = set(QuantConfig.__dataclass_fields__)
     cfg = QuantConfig(method=method, **{k: v for k, v in kwargs.items() if k in fields})
     opts = RunOptions(**{k: v for k, v in kwargs.items() if k not in fields or k == "seed"})

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="symmetric grid (default; spqr: refused, it is asym only)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points "
                      "(the default of --method spqr)")
+    c.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric grid on all 2^bits levels, scale = +-max|w|/2^(bits-1) (auto-round's; the "
+                   "default of --method autoround with --sym)")
     c.add_argument("--act-order", action="store_true", default=None,
                    help="quantize columns by descending Hessian diagonal")
     c.add_argument("--static-groups", action="store_true", help="with --act-order: fit group grids up front")

@@ -47,7 +47,10 @@ class QuantConfig:
     bits: 2/3/4/8 (what the GPTQ int32 bitstream layout holds); group_size: input columns sharing one
     scale/zero, -1 = one group per output row; damp: fraction of mean diag(H) added to H's diagonal;
     block_columns: GPTQ's lazy-batch width (columns); true_sequential: re-collect Hessians after each
-    group of Linears sharing an input (q/k/v, o, gate/up, down) is quantized.
+    group of Linears sharing an input (q/k/v, o, gate/up, down) is quantized. full_range (sym only): the
+    symmetric grid of auto-round and llama.cpp, scale = +-max|w| / 2^(bits-1) signed so the larger side lands
+    on code 0, using all 2^bits levels (the GPTQ grid, scale = 2 max|w| / (2^bits - 1), leaves one unused);
+    AutoRound's default, as in the reference.
 
     AutoRound only: iters: signed-gradient steps per block (0 = plain RTN); lr: step size of the rounding
     offsets and min/max factors, None = 1/iters (decays linearly to 0); minmax_tuning: also tune the per-group
@@ -66,6 +69,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    full_range: bool = False
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
@@ -94,6 +98,8 @@ class QuantConfig:
             raise StreamqError(f"--damp {self.damp}: must lie in (0, 1], a fraction of mean diag(H)")
         if self.block_columns < 1:
             raise StreamqError(f"block_columns {self.block_columns}: must be positive")
+        if self.full_range and not self.sym:
+            raise StreamqError("--full-range is a symmetric grid; drop --asym")
         if self.static_groups and not self.act_order:
             raise StreamqError("--static-groups only changes anything with --act-order")
         if self.iters < 0:

@@ -95,7 +95,8 @@ def test_asym_below_rtn(data):
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=4), dict(bits=3, sym=False), dict(bits=2, sym=False, group_size=-1),
-                                 dict(bits=8, group_size=-1), dict(bits=4, minmax_tuning=False)])
+                                 dict(bits=8, group_size=-1), dict(bits=4, minmax_tuning=False),
+                                 dict(bits=4, full_range=True), dict(bits=2, full_range=True)])
 def test_iters_0_is_rtn(data, cfg):
     cfg = config(iters=0, **cfg)
     block, results = tune(data, cfg)

@@ -56,9 +56,11 @@ def test_streamed_equals_in_memory_reference(src, tmp_path, offload):
         assert torch.equal(got.scales, r.scales.float()), name
 
 
-def test_iters_0_writes_the_rtn_model(src, tmp_path):
-    rtn = streamq.compress(src, tmp_path / "rtn", method="rtn", bits=4, group_size=32, progress=False)
-    ar = run(src, tmp_path / "ar", bits=4, group_size=32, iters=0)
+@pytest.mark.parametrize("full_range", [None, False])  # None: AutoRound's default, the full-range grid
+def test_iters_0_writes_the_rtn_model(src, tmp_path, full_range):
+    rtn = streamq.compress(src, tmp_path / "rtn", method="rtn", bits=4, group_size=32, progress=False,
+                           full_range=full_range is None)
+    ar = run(src, tmp_path / "ar", bits=4, group_size=32, iters=0, full_range=full_range)
     assert file_bytes(ar)["model.safetensors"] == file_bytes(rtn)["model.safetensors"]
 
 

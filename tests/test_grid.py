@@ -4,7 +4,7 @@ import torch
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import check_group_size, dequantize, fit_grid, quantize_codes
+from streamq.quant.grid import check_group_size, dequantize, fit_grid, full_range_scale, quantize_codes
 from streamq.quant.rtn import rtn_quantize
 
 
@@ -106,3 +106,16 @@ def test_check_group_size_names_the_layer():
     with pytest.raises(StreamqError, match=r"model\.layers\.3\.mlp\.down_proj.*128.*11000") as e:
         check_group_size(11000, 128, "model.layers.3.mlp.down_proj")
     assert "\n" not in str(e.value)
+
+
+def test_full_range_grid_puts_the_larger_side_on_code_0():
+    """auto-round's int_sym: scale = +-max|w| / 2^(bits-1), signed so the larger side is code 0; all 16 levels."""
+    w = torch.tensor([[-1.0, 0.5, 0.0], [-0.5, 1.0, 0.25]])
+    scale, zero = fit_grid(w, 4, sym=True, full_range=True)
+    assert torch.equal(scale, torch.tensor([1 / 8, -1 / 8])) and torch.equal(zero, torch.tensor([8.0, 8.0]))
+    codes = quantize_codes(w, scale[:, None], zero[:, None], 15)
+    assert torch.equal(codes, torch.tensor([[0.0, 12, 8], [12, 0, 6]]))
+    assert torch.equal(dequantize(codes, scale[:, None], zero[:, None]), w)
+    assert torch.equal(full_range_scale(torch.zeros(1), torch.zeros(1), 3), torch.tensor([2.0**-14]))
+    with pytest.raises(StreamqError, match="full-range"):
+        QuantConfig(sym=False, full_range=True)

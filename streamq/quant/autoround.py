@@ -25,7 +25,7 @@ from torch.func import functional_call
 from streamq.calib.capture import batched_kwargs
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import _FP16_MAX, _FP16_TINY, QuantResult, check_group_size, grid_range
+from streamq.quant.grid import _FP16_MAX, _FP16_TINY, QuantResult, check_group_size, full_range_scale, grid_range
 
 Batch = Callable[[list[int]], Tensor]  # sample indices -> [len(idx), seq, hidden]
 
@@ -47,16 +47,20 @@ def _round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach() if x.requires_grad else torch.round(x)
 
 
-def qdq(t: Tunable, bits: int, sym: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def qdq(t: Tunable, bits: int, sym: bool, full_range: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fake-quantize t.W on its tuned grid -> (weight [out, G, gs], codes [out, G, gs], scale [out, G], zero [out, G]).
 
     Op for op the arithmetic of grid.fit_grid / quantize_codes / dequantize (fp16-rounded scale, 0 -> smallest
-    fp16 normal, asym zero clamped to [1, maxq]) applied to the range [alpha*wmin, beta*wmax] and W/scale + V.
+    fp16 normal, asym zero clamped to [1, maxq]; full_range: grid.full_range_scale) applied to the range
+    [alpha*wmin, beta*wmax] and W/scale + V.
     """
     maxq = (1 << bits) - 1
-    xmin, xmax = grid_range(t.wmin * t.alpha, t.wmax * t.beta, sym)  # alpha, beta in [0, 1] keep xmin <= 0 <= xmax
-    scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().float()  # the cast passes gradients through
-    scale = torch.where(scale == 0, _FP16_TINY, scale)
+    if full_range:  # alpha, beta in [0, 1] keep alpha*wmin <= 0 <= beta*wmax
+        scale = full_range_scale(t.wmin * t.alpha, t.wmax * t.beta, bits)
+    else:
+        xmin, xmax = grid_range(t.wmin * t.alpha, t.wmax * t.beta, sym)
+        scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().float()  # the cast passes gradients through
+        scale = torch.where(scale == 0, _FP16_TINY, scale)
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else _round_ste(-xmin / scale).clamp(1, maxq)
     scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
     codes = torch.clamp(_round_ste(t.W / scale3 + t.V) + zero3, 0, maxq)
@@ -117,7 +121,7 @@ def _tune(block, tunables: dict[str, Tunable], inputs: Batch, targets: Batch, ns
             part = idx[b:b + chunk]
             x = inputs(part).to(device, dtype)
             y = targets(part).to(device, torch.float32)
-            weights = {f"{n}.weight": qdq(t, cfg.bits, cfg.sym)[0].reshape(t.W.shape[0], -1).to(dtype)
+            weights = {f"{n}.weight": qdq(t, cfg.bits, cfg.sym, cfg.full_range)[0].reshape(t.W.shape[0], -1).to(dtype)
                        for n, t in tunables.items()}
             out = functional_call(block, weights, (x,), batched_kwargs(kwargs, len(part), device))
             out = out[0] if isinstance(out, tuple) else out
@@ -176,7 +180,7 @@ def _init(name: str, linear: nn.Linear, cfg: QuantConfig) -> Tunable:
 
 def _result(t: Tunable, cfg: QuantConfig) -> QuantResult:
     """The tuned grid in the layout every packer reads (scales/zeros [G, out], original column order)."""
-    weight, codes, scale, zero = qdq(t, cfg.bits, cfg.sym)
+    weight, codes, scale, zero = qdq(t, cfg.bits, cfg.sym, cfg.full_range)
     out_f, G, gs = t.W.shape
     g_idx = torch.arange(G * gs, device=t.W.device, dtype=torch.int32) // gs
     return QuantResult(weight.reshape(out_f, -1), codes.reshape(out_f, -1).to(torch.uint8),

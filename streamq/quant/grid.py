@@ -43,15 +43,28 @@ def grid_range(xmin: Tensor, xmax: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
     return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
 
 
-def fit_grid(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+def full_range_scale(wmin: Tensor, wmax: Tensor, bits: int) -> Tensor:
+    """Scale of the full-range symmetric grid (auto-round's int_sym) from wmin <= 0 <= wmax: the larger side is
+    2^(bits-1) steps from 0 and lands on code 0 (scale negative when that side is wmax); fp16-rounded like
+    fit_grid's, 0 replaced by the smallest fp16 normal. Differentiable (AutoRound tunes wmin/wmax through it)."""
+    larger = torch.where(wmax >= -wmin, -wmax, -wmin)
+    scale = (larger / (1 << (bits - 1))).clamp(-_FP16_MAX, _FP16_MAX).half().to(wmin.dtype)
+    return torch.where(scale == 0, _FP16_TINY, scale)
+
+
+def fit_grid(w: Tensor, bits: int, sym: bool, full_range: bool = False) -> tuple[Tensor, Tensor]:
     """Min/max grid per row of w: [rows, cols] float -> (scale [rows], zero [rows]) in w's dtype.
 
     The range always contains 0. sym: range is [-max|w|, max|w|] (unless the row has no negative value,
     as in the reference) and zero = (maxq+1)/2. Asym: zero = round(-xmin/scale). Differences from the
     reference: scale is rounded to fp16 (clamped to fp16's finite range, 0 replaced by the smallest normal)
     before zero is derived, and asym zero is clamped to [1, maxq] for the GPTQ v1 checkpoint's zero-1.
+    full_range (sym): full_range_scale's grid, zero = 2^(bits-1).
     """
     maxq = (1 << bits) - 1
+    if full_range:
+        scale = full_range_scale(w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0), bits)
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
     xmin, xmax = grid_range(w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0), sym)
     scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().to(w.dtype)
     scale = torch.where(scale == 0, _FP16_TINY, scale)
