@@ -2,9 +2,9 @@
 
 A block's work is a function compute(device, lean) that starts from the block's source weights (it
 re-materializes them), so a failed attempt leaves nothing behind but the other store slot, which the next
-attempt overwrites. lean means: smaller chunks where the method has them (AutoRound: half the minibatch,
-twice the gradient accumulation, the same samples per step) and the Hessian work (accumulation and solve)
-on the CPU, while the block's forward passes stay on the device.
+attempt overwrites. lean means: smaller chunks where the method has them (AutoRound: half the samples per
+forward pass, the same samples per step) and the Hessian work (accumulation and solve) on the CPU, while the
+block's forward passes stay on the device.
 """
 from __future__ import annotations
 

@@ -62,8 +62,9 @@ class QuantLinear(UnpackedCache):
 
 
 class SpQRLinear(UnpackedCache):
-    """y = x @ W^T + b with W [out, in] rebuilt from one Linear's SpQR tensors (see formats/spqr.py); a single
-    token (x with in_features elements) takes the fused dequant-matvec instead of materializing W.
+    """y = x @ W^T + b with W [out, in] rebuilt from one Linear's SpQR tensors (see formats/spqr.py); where the
+    Triton kernels run, a single token (x with in_features elements) takes the fused dequant-matvec instead of
+    materializing W.
 
     The outlier buffers start empty: loading a state dict resizes them to the checkpoint's (data-dependent) sizes.
     """
@@ -90,7 +91,7 @@ class SpQRLinear(UnpackedCache):
         """W: [out, in] fp32."""
         if use_triton(self.qweight):
             return spqr_dequantize(self.tensors(), self.cfg)
-        return spqr_format.dense_spqr(self.cached(lambda: spqr_format.unpack_spqr(self.tensors(), self.cfg)), self.cfg)
+        return spqr_format.dense_spqr(self.cached(lambda: spqr_format.unpack_spqr(self.tensors(), self.cfg)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and use_triton(self.qweight):  # batch-1 decoding, fused kernel

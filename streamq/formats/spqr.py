@@ -194,10 +194,10 @@ def unpack_spqr(tensors: dict[str, Tensor], cfg: QuantConfig) -> SpQRTensors:
 
 def dequantize_spqr(tensors: dict[str, Tensor], cfg: QuantConfig) -> Tensor:
     """Packed tensors -> W: [out, in] fp32 (the plain-torch reference of kernels/spqr.py)."""
-    return dense_spqr(unpack_spqr(tensors, cfg), cfg)
+    return dense_spqr(unpack_spqr(tensors, cfg))
 
 
-def dense_spqr(t: SpQRTensors, cfg: QuantConfig) -> Tensor:
+def dense_spqr(t: SpQRTensors) -> Tensor:
     """Unpacked tensors (codes of any integer dtype) -> W: [out, in] fp32 (see dequantize_spqr)."""
     dense = group_affine(t.codes, t.scale, t.zero)  # [out, in], permuted columns
     if torch.equal(t.perm, torch.arange(t.perm.numel(), device=t.perm.device)):

@@ -62,10 +62,11 @@ def fit_grid(w: Tensor, bits: int, sym: bool, full_range: bool = False) -> tuple
     full_range (sym): full_range_scale's grid, zero = 2^(bits-1).
     """
     maxq = (1 << bits) - 1
+    wmin, wmax = w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0)
     if full_range:
-        scale = full_range_scale(w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0), bits)
+        scale = full_range_scale(wmin, wmax, bits)
         return scale, torch.full_like(scale, (maxq + 1) / 2)
-    xmin, xmax = grid_range(w.min(dim=1).values.clamp(max=0), w.max(dim=1).values.clamp(min=0), sym)
+    xmin, xmax = grid_range(wmin, wmax, sym)
     scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().to(w.dtype)
     scale = torch.where(scale == 0, _FP16_TINY, scale)
     if sym:
