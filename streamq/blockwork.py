@@ -31,47 +31,52 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     block = load_block(layout, ckpt, i, device, dtype)
     kwargs = batched_kwargs(kwargs, 1, device)
     if cfg.method == "autoround":
-        return autoround_step(block, store, slot, kwargs, cfg, device,
+        fp_inputs = None if not cfg.fp_targets else slot if i == 0 else store.fp(slot)  # block 0: one stream
+        return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
                               chunk=max(1, cfg.batch_size // 2) if lean else None)
     samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
     if store is not None:
-        propagate(block, store, slot, kwargs, device)
+        propagate(block, store, slot, store.other(slot), kwargs, device)
     return results
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, device: torch.device,
-              against_targets: bool = False) -> float | None:
-    """Run block over the samples in `slot`, writing its outputs into the other slot (the next block's inputs).
+def propagate(block: nn.Module, store: ActivationStore, source: str, dest: str, kwargs: dict, device: torch.device,
+              targets: str | None = None) -> float | None:
+    """Run block over the samples in slot `source`, writing its outputs into slot `dest`.
 
-    against_targets: the other slot holds reference outputs; return the relative error
-    sum ||out - ref||^2 / sum ||ref||^2 over all samples before they are overwritten.
+    targets: a slot of reference outputs (it may be dest: each sample is read before it is overwritten); return
+    the relative error sum ||out - ref||^2 / sum ||ref||^2 over all samples.
     """
-    other = store.other(slot)
     sse = ref = 0.0
-    for j, x in store.iter_samples(slot):
+    for j, x in store.iter_samples(source):
         y = run_block(block, x.to(device), kwargs)
-        if against_targets:
-            t = store.read(other, j).to(y.device, torch.float32)
+        if targets is not None:
+            t = store.read(targets, j).to(y.device, torch.float32)
             sse += (y.float() - t).pow(2).sum().item()
             ref += t.pow(2).sum().item()
-        store.write(other, j, y)
-    store.flush(other)
-    return sse / max(ref, 1e-30) if against_targets else None
+        store.write(dest, j, y)
+    store.flush(dest)
+    return sse / max(ref, 1e-30) if targets is not None else None
 
 
-def autoround_step(block: nn.Module, store: ActivationStore, slot: str, kwargs: dict, cfg: QuantConfig,
-                   device: torch.device, chunk: int | None = None) -> dict[str, tuple[QuantResult, LayerReport]]:
-    """AutoRound on one block, streamed: the fp block's outputs go to the other slot as targets, the tuning loop
-    reads minibatches of inputs and targets from the store, then the quantized block's outputs replace the
-    targets. Every Linear's report carries the block's relative output error (AutoRound tunes them jointly)."""
+def autoround_step(block: nn.Module, store: ActivationStore, slot: str, fp_inputs: str | None, kwargs: dict,
+                   cfg: QuantConfig, device: torch.device,
+                   chunk: int | None = None) -> dict[str, tuple[QuantResult, LayerReport]]:
+    """AutoRound on one block, streamed. The fp block's outputs are the targets: on the fp stream's inputs
+    (slot fp_inputs; they go to the fp stream's other slot and are the next block's fp inputs), or with
+    fp_inputs None on the quantized inputs (into the other slot, later replaced). The tuning loop reads
+    minibatches of inputs (slot) and targets from the store; the quantized block's outputs on `slot` go to the
+    other slot. Every Linear's report carries the block's relative output error against the targets (AutoRound
+    tunes them jointly)."""
     start = time.perf_counter()
-    propagate(block, store, slot, kwargs, device)
     other = store.other(slot)
+    targets = store.fp(other) if fp_inputs is not None else other
+    propagate(block, store, fp_inputs or slot, targets, kwargs, device)
     tuned = autoround_block(block, lambda idx: torch.cat([store.read(slot, j) for j in idx]),
-                            lambda idx: torch.cat([store.read(other, j) for j in idx]),
+                            lambda idx: torch.cat([store.read(targets, j) for j in idx]),
                             store.nsamples, kwargs, cfg, device, chunk=chunk)
-    error = propagate(block, store, slot, kwargs, device, against_targets=True)
+    error = propagate(block, store, slot, other, kwargs, device, targets=targets)
     seconds = (time.perf_counter() - start) / len(tuned)
     return {name: (result, LayerReport(error, loss, 0.0, seconds)) for name, (result, loss) in tuned.items()}

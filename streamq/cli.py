@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grad-accum", type=int, default=None, help="forward passes per step (1)")
     a.add_argument("--no-minmax-tuning", dest="minmax_tuning", action="store_false", default=None,
                    help="tune the rounding only, not the per-group min/max range")
+    a.add_argument("--no-fp-targets", dest="fp_targets", action="store_false", default=None,
+                   help="tune toward the fp block run on the quantized inputs instead of the fp model's own block "
+                   "outputs (which take a second activation stream: twice the store)")
     q = c.add_argument_group("SpQR")
     q.add_argument("--qq-scale-bits", type=int, default=None,
                    help="bits of the second-level quantization of group scales (with --qq-zero-bits; default: "

@@ -55,7 +55,9 @@ class QuantConfig:
     AutoRound only: iters: signed-gradient steps per block (0 = plain RTN); lr: step size of the rounding
     offsets and min/max factors, None = 1/iters (decays linearly to 0); minmax_tuning: also tune the per-group
     min/max range factors; batch_size: calibration samples per forward pass; grad_accum: forward passes whose
-    gradients are summed before one step; seed: seeds the minibatch sampler.
+    gradients are summed before one step; seed: seeds the minibatch sampler; fp_targets: tune each block
+    toward the fp model's own block outputs, carried in a second activation stream beside the quantized one
+    (as the reference does; the store on disk doubles), False: toward the fp block run on the quantized inputs.
 
     SpQR only (asymmetric grids, sym=False; act_order is SpQR's permutation_order "act_order", False = "identity"):
     qq_scale_bits / qq_zero_bits: bits of the second-level quantization of the per-group scales / zeros (set
@@ -81,6 +83,7 @@ class QuantConfig:
     batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
+    fp_targets: bool = True
     qq_scale_bits: int | None = None
     qq_zero_bits: int | None = None
     qq_groupsize: int = 16
@@ -112,6 +115,8 @@ class QuantConfig:
             raise StreamqError(f"--grad-accum {self.grad_accum}: must be positive")
         if self.seed < 0:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
+        if self.method != "autoround" and not self.fp_targets:
+            raise StreamqError("--no-fp-targets is an AutoRound option (the other methods have no targets)")
         if self.method == "autoround" and self.act_order:
             raise StreamqError("--act-order is a GPTQ option; AutoRound keeps the columns in order")
         if self.method == "spqr":

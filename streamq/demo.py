@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from streamq.errors import OtherRunError
 from streamq.fetch import default_cache_dir, ensure_smollm2
 
 DATA = Path(__file__).parent / "data"
@@ -23,7 +24,13 @@ def run_demo(out: str | None, bits: int, method: str) -> dict:
     src = ensure_smollm2()
     out_dir = Path(out) if out else default_cache_dir() / f"{src.name}-{method}-w{bits}g{DEMO['group_size']}"
     start = time.perf_counter()
-    streamq.compress(src, out_dir, method=method, bits=bits, **DEMO)
+    try:
+        streamq.compress(src, out_dir, method=method, bits=bits, **DEMO)
+    except OtherRunError:
+        if out:  # the user's folder: not ours to discard
+            raise
+        # the demo's own cache folder, left by another streamq version: redo it
+        streamq.compress(src, out_dir, method=method, bits=bits, resume="restart", **DEMO)
     seconds = time.perf_counter() - start
     ppl_fp = streamq.evaluate(src, DATA / "heldout.txt", **EVAL)
     ppl_q = streamq.evaluate(out_dir, DATA / "heldout.txt", **EVAL)

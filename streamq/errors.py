@@ -9,6 +9,10 @@ class StreamqError(Exception):
     """A user-facing failure (bad input, impossible flags, full disk). The CLI prints it and exits 2."""
 
 
+class OtherRunError(StreamqError):
+    """The output folder holds a run with another fingerprint (source, method, calibration, version)."""
+
+
 def disk_full(path: str | Path, needed: int) -> StreamqError:
     """The error for ENOSPC while writing `path`; needed: bytes the run still has to write there."""
     folder = Path(path).parent

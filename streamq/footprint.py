@@ -4,7 +4,7 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
 [out, in]: Hu = in^2 * 4 (its fp32 Hessian) and Wu = out * in * 4. On the CPU:
 
     peak RAM  = baseline + RUN_OVERHEAD + store_ram + max(capture, block_0 .. block_n-1, finish)
-    store_ram = 2 * nsamples * seqlen * hidden * c      offload ram: both slots
+    store_ram = slots * nsamples * seqlen * hidden * c  offload ram: every slot (2; AutoRound's fp stream 4)
               | PREFETCH * seqlen * hidden * c           offload disk: the samples in flight
     capture   = embeddings in c + max(one of them as read, fwd)                            stage 4
     block_i   = BLOCK_SLACK * (Wc + max(read,                                              materialize
@@ -32,7 +32,7 @@ On a CUDA device the block terms count against VRAM, plus VRAM_RESERVE (context,
 keeps the tensor being read and CUDA_HOST_OVERHEAD. RTN: no Hessians, solver 6 Wu, no store, no forward.
 AutoRound (rougher): 9 fp32 copies of every Linear (weights, offsets, grads, best iterate, saved qdq) and
 samples_per_forward samples with their autograd activations (3 fwd each).
-peak disk = store (offload disk: both slots) + output (planned shards; SpQR counted without outliers) +
+peak disk = store (offload disk: every slot) + output (planned shards; SpQR counted without outliers) +
 tokenizer files.
 """
 from __future__ import annotations
@@ -97,6 +97,7 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "embed_read_bytes": max(map(as_read, embed), default=0),
         "rest_bytes": sum(map(ckpt.nbytes, rest)) + max((math.prod(ckpt.tensors[n].shape) for n in rest), default=0),
         "slot_bytes": opts.nsamples * opts.seqlen * hidden * c,
+        "slots": 4 if cfg.method == "autoround" and cfg.fp_targets else 2,
         "sample_bytes": opts.seqlen * hidden * c,
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,
@@ -148,7 +149,7 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
     """Peak RAM / VRAM / disk for one offload choice ("ram" | "disk" | "none"), and per block (peak, device):
     a block that does not fit --max-vram on a CUDA device is planned on the CPU."""
     cuda = device.type == "cuda"
-    store_ram = {"ram": 2 * f["slot_bytes"], "disk": PREFETCH * f["sample_bytes"], "none": 0}[offload]
+    store_ram = {"ram": f["slots"] * f["slot_bytes"], "disk": PREFETCH * f["sample_bytes"], "none": 0}[offload]
     blocks, ram, vram = [], [f["rest_bytes"]], []
     for b in f["blocks"]:
         peak = block_bytes(b, f, method, seqlen)
@@ -168,7 +169,7 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
     return {
         "ram": baseline + RUN_OVERHEAD + store_ram + max(ram) + (CUDA_HOST_OVERHEAD if cuda else 0),
         "vram": max(vram) + VRAM_RESERVE if vram else 0,
-        "disk": f["output_bytes"] + (2 * f["slot_bytes"] if offload == "disk" else 0),
+        "disk": f["output_bytes"] + (f["slots"] * f["slot_bytes"] if offload == "disk" else 0),
         "blocks": blocks,
     }
 

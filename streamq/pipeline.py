@@ -17,7 +17,7 @@ from streamq.calib.capture import ModelEnds
 from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
-from streamq.errors import StreamqError
+from streamq.errors import OtherRunError, StreamqError
 from streamq.fallback import CPU, with_fallback
 from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
@@ -198,7 +198,7 @@ def open_output(out: Path, fp: dict, plan: dict, resume: str) -> dict:
             manifest = read_json(manifest_path)
             changed = [k for k in fp if manifest["fingerprint"].get(k) != fp[k]]
             if changed:
-                raise StreamqError(f"{out}: belongs to another run ({', '.join(changed)} changed); "
+                raise OtherRunError(f"{out}: belongs to another run ({', '.join(changed)} changed); "
                                    "use --restart to discard it or choose another folder")
             return manifest
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,8 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
     if tokens is not None:
-        store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest)  # 4
+        fp_stream = cfg.method == "autoround" and cfg.fp_targets
+        store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, fp_stream)  # 4
 
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
     try:
@@ -327,8 +328,10 @@ def check_written_units(writer: ShardWriter, manifest: dict) -> None:
                                "(a shard was damaged or removed); use --restart")
 
 
-def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest) -> tuple[ActivationStore, dict]:
-    """Open (or create and fill with block-0 inputs) the activation store; return it and the block kwargs."""
+def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest,
+                  fp_stream: bool) -> tuple[ActivationStore, dict]:
+    """Open (or create and fill with block-0 inputs) the activation store, with a second (fp) stream for
+    AutoRound's targets when fp_stream; return it and the block kwargs."""
     n, seqlen = tokens.shape
     hidden = layout.config.hidden_size
     path = str(out / WORK_DIR / "activations")
@@ -336,15 +339,15 @@ def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest) -> t
     try:
         _, kwargs = ends.block_inputs(tokens[:1])
         if opts.offload == "disk" and manifest["next_block"] > 0:
-            return ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=False), kwargs
+            return ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=False, fp_stream=fp_stream), kwargs
         if opts.offload == "disk":
             shutil.rmtree(path, ignore_errors=True)  # ours; a run killed while creating it may have left a torn one
-            store = ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=True)
+            store = ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=True, fp_stream=fp_stream)
         else:
             if manifest["next_block"] > 0:
                 raise StreamqError(f"{out}: the interrupted run kept its activations in RAM; "
                                    "resume needs --offload disk (or --restart)")
-            store = ActivationStore.in_ram(n, seqlen, hidden, dtype)
+            store = ActivationStore.in_ram(n, seqlen, hidden, dtype, fp_stream)
         for j in range(n):
             store.write("a", j, ends.block_inputs(tokens[j:j + 1])[0])
         store.flush("a")

@@ -2,7 +2,7 @@
 and the safetensors headers; no weight is read); this module makes the decisions that keep the run inside
 --max-ram / --max-vram / --max-disk, or refuses it with the smallest budget that would fit, and prints it.
 
-Decisions: where the activations live (ram when both slots fit --max-ram next to the block, else disk; only
+Decisions: where the activations live (ram when its slots fit --max-ram next to the block, else disk; only
 when --offload is not given, and never ram for a run resuming from disk); which blocks run on the CPU because
 they do not fit --max-vram (recorded; compress refuses such plans for now). Recorded, not chosen: samples per
 forward (the pipeline runs one, AutoRound batch_size) and Hessians held at once (the true-sequential groups).
@@ -55,7 +55,8 @@ class Plan:
     offload: str  # "ram" | "disk" | "none" (RTN reads no activations)
     offload_reason: str
     store_slot_bytes: int  # one slot: nsamples * seqlen * hidden * itemsize
-    store_bytes: int  # both slots, in RAM or on disk as offload says
+    store_slots: int  # 2; 4 with AutoRound's fp stream
+    store_bytes: int  # every slot, in RAM or on disk as offload says
     output_bytes: int
     baseline_rss_bytes: int
     peak_ram_bytes: int
@@ -120,7 +121,8 @@ def make_plan(model, cfg: QuantConfig, opts: RunOptions, max_ram: int | None = N
         model=str(ckpt.folder), method=cfg.method, device=str(device), dtype=str(dtype).removeprefix("torch."),
         nsamples=opts.nsamples, seqlen=opts.seqlen, samples_per_forward=f["samples_per_forward"],
         n_blocks=layout.n_blocks, blocks=tuple(blocks), offload=offload, offload_reason=reason,
-        store_slot_bytes=f["slot_bytes"], store_bytes=0 if offload == "none" else 2 * f["slot_bytes"],
+        store_slot_bytes=f["slot_bytes"], store_slots=f["slots"],
+        store_bytes=0 if offload == "none" else f["slots"] * f["slot_bytes"],
         output_bytes=f["output_bytes"], baseline_rss_bytes=baseline, peak_ram_bytes=p["ram"],
         peak_vram_bytes=p["vram"], peak_disk_bytes=p["disk"], max_ram=max_ram, max_vram=max_vram,
         max_disk=max_disk, estimate_seconds=estimate, estimate_basis=basis)
@@ -224,7 +226,7 @@ def format_plan(p: Plan) -> str:
         return f"  (budget {human(n)})" if n is not None else ""
 
     store = ("none (RTN reads no activations)" if p.offload == "none" else
-             f"2 slots x {human(p.store_slot_bytes)} = {human(p.store_bytes)} "
+             f"{p.store_slots} slots x {human(p.store_slot_bytes)} = {human(p.store_bytes)} "
              f"{'in RAM' if p.offload == 'ram' else 'on disk'} ({p.offload_reason})")
     lines += [
         f"  activation store  {store}",

@@ -58,16 +58,20 @@ def _forward(layer, inputs: list, kw: dict) -> list:
 
 
 def reference_autoround(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
-    """AutoRound on the full model in RAM, all windows of a layer in one tensor, quantized-input mode.
-    Returns (fake-quantized model, {full linear name: QuantResult})."""
+    """AutoRound on the full model in RAM, all windows of a layer in one tensor, quantized-input mode: each layer
+    is tuned on the quantized model's inputs toward the fp model's outputs (cfg.fp_targets, the reference's two
+    streams), or toward the fp layer's outputs on the quantized inputs. Returns (fake-quantized model,
+    {full linear name: QuantResult})."""
     model, layers, prefix, inputs, kw = load_with_block0_inputs(model_dir, tokens)
+    fp_inputs = inputs
     results = {}
     for i, layer in enumerate(layers):
-        X, Y = torch.cat(inputs), torch.cat(_forward(layer, inputs, kw))
+        fp_outputs = _forward(layer, fp_inputs if cfg.fp_targets else inputs, kw)
+        X, Y = torch.cat(inputs), torch.cat(fp_outputs)
         tuned = autoround_block(layer, lambda idx: X[idx], lambda idx: Y[idx], len(inputs), kw, cfg,
                                 torch.device("cpu"))
         results.update({f"{prefix}.{i}.{n}": r for n, (r, _) in tuned.items()})
-        inputs = _forward(layer, inputs, kw)
+        inputs, fp_inputs = _forward(layer, inputs, kw), fp_outputs
     return model, results
 
 

@@ -201,7 +201,7 @@ def test_leaves_requires_grad_and_dtype(data):
 def test_config_validation_and_presets():
     assert QuantConfig(method="autoround").iters == 200 and QuantConfig().lr is None
     for bad in (dict(iters=-1), dict(lr=0.0), dict(batch_size=0), dict(grad_accum=0), dict(seed=-1),
-                dict(method="autoround", act_order=True)):
+                dict(method="autoround", act_order=True), dict(method="gptq", fp_targets=False)):
         with pytest.raises(StreamqError):
             QuantConfig(**bad)
     fields = {f.name for f in dataclasses.fields(QuantConfig)}

@@ -41,9 +41,9 @@ def file_bytes(out) -> dict[str, bytes]:
             and p.name not in ("streamq_report.json", "streamq_manifest.json")}
 
 
-@pytest.mark.parametrize("offload", ["disk", "ram"])
-def test_streamed_equals_in_memory_reference(src, tmp_path, offload):
-    cfg = dict(bits=3, group_size=32, sym=False, iters=12, seed=3)
+@pytest.mark.parametrize("offload,fp_targets", [("disk", True), ("ram", True), ("disk", False)])
+def test_streamed_equals_in_memory_reference(src, tmp_path, offload, fp_targets):
+    cfg = dict(bits=3, group_size=32, sym=False, iters=12, seed=3, fp_targets=fp_targets)
     out = run(src, tmp_path / "out", offload=offload, **cfg)
     tokens = calibration_windows(AutoTokenizer.from_pretrained(src), str(src / "calib.txt"), NS, SEQ, seed=3)
     _, ref = reference_autoround(src, tokens, streamq.QuantConfig(method="autoround", batch_size=4, **cfg))
@@ -54,6 +54,17 @@ def test_streamed_equals_in_memory_reference(src, tmp_path, offload):
         assert torch.equal(got.codes, r.codes.to(torch.int32)), name
         assert torch.equal(got.zeros, r.zeros.to(torch.int32)), name
         assert torch.equal(got.scales, r.scales.float()), name
+
+
+def test_fp_targets_differ_from_quantized_input_targets_after_block_0(src):
+    """Block 0 sees the same inputs and targets in both modes; later blocks are tuned toward other targets."""
+    tokens = calibration_windows(AutoTokenizer.from_pretrained(src), str(src / "calib.txt"), NS, SEQ, seed=0)
+    cfg = dict(method="autoround", bits=3, group_size=32, iters=6, batch_size=4)
+    _, fp = reference_autoround(src, tokens, streamq.QuantConfig(**cfg))
+    _, hybrid = reference_autoround(src, tokens, streamq.QuantConfig(**cfg, fp_targets=False))
+    for name in fp:
+        same = torch.equal(fp[name].codes, hybrid[name].codes)
+        assert same == (".layers.0." in name), name
 
 
 @pytest.mark.parametrize("full_range", [None, False])  # None: AutoRound's default, the full-range grid

@@ -112,6 +112,12 @@ def test_plan_cli_table_and_json(model, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["offload"] == "ram" and plan["max_ram"] == 64 * 10**9 and plan["estimate_seconds"] is None
     assert plan["store_slot_bytes"] == 4 * 32 * 64 * 4 and len(plan["blocks"]) == 2
+    assert plan["store_slots"] == 2 and plan["store_bytes"] == 2 * plan["store_slot_bytes"]
+    for flags, slots in (([], 4), (["--no-fp-targets"], 2)):  # AutoRound's fp stream: two more slots
+        assert main(["plan", str(model), "--method", "autoround", "--nsamples", "4", "--seqlen", "32",
+                     "--group-size", "32", "--json", "--no-benchmark", "--offload", "disk", *flags]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert plan["store_slots"] == slots and plan["peak_disk_bytes"] > slots * plan["store_slot_bytes"]
 
 
 def test_cuda_blocks_over_max_vram_fall_back_to_cpu(model, tmp_path, monkeypatch):

@@ -160,11 +160,39 @@ def test_flush_syncs_files_and_refuses_partial_slot(tmp_path):
 
 def test_other_and_delete(tmp_path):
     assert ActivationStore.other("a") == "b" and ActivationStore.other("b") == "a"
+    assert ActivationStore.other("fa") == "fb" and ActivationStore.fp("b") == "fb"
     with pytest.raises(StreamqError):
         ActivationStore.other("x")
+    with pytest.raises(StreamqError):
+        ActivationStore.fp("fa")
     store = make("disk", tmp_path, torch.float32)
     store.write("a", 0, torch.ones(1, S, H))
     store.delete()
     assert not (tmp_path / "acts").exists()
     with pytest.raises(StreamqError, match="after delete"):
         store.read("a", 0)
+
+
+@pytest.mark.parametrize("where", ["disk", "ram"])
+def test_fp_stream_slots(tmp_path, where):
+    """A store with an fp stream has four independent slots; one without refuses the fp slots; a resumed store
+    must have the slots the run needs."""
+    plain = make(where, tmp_path / "plain", torch.float32)
+    with pytest.raises(StreamqError, match="slot fa exists only in a store with an fp stream"):
+        plain.write("fa", 0, torch.ones(1, S, H))
+    if where == "disk":
+        store = ActivationStore.on_disk(str(tmp_path / "fp"), N, S, H, torch.float32, create=True, fp_stream=True)
+    else:
+        store = ActivationStore.in_ram(N, S, H, torch.float32, fp_stream=True)
+    assert store.slots == ("a", "b", "fa", "fb")
+    for k, slot in enumerate(store.slots):
+        for i in range(N):
+            store.write(slot, i, torch.full((1, S, H), float(10 * k + i)))
+        store.flush(slot)
+    for k, slot in enumerate(store.slots):
+        assert [x[0, 0, 0].item() for _, x in store.iter_samples(slot)] == [10 * k + i for i in range(N)]
+    if where == "disk":
+        reopened = ActivationStore.on_disk(str(tmp_path / "fp"), N, S, H, torch.float32, create=False, fp_stream=True)
+        assert reopened.read("fb", 1)[0, 0, 0].item() == 31
+        with pytest.raises(StreamqError, match="slot fa is missing"):
+            ActivationStore.on_disk(str(tmp_path / "plain" / "acts"), N, S, H, torch.float32, create=False, fp_stream=True)

@@ -1,8 +1,9 @@
 """Activation store: the hidden states entering a block, one [1, seqlen, hidden] sample at a time.
 
 Two slots, "a" and "b", ping-pong: block i reads one and writes the other, so the slot a manifest
-points at is never being written. On disk it is a zarr v3 group (one array per slot, one chunk file per
-sample); in RAM, two torch tensors with the same API.
+points at is never being written. A store with an fp stream (AutoRound's targets: the unquantized model's
+hidden states) has a second pair, "fa" and "fb", that ping-pongs alongside. On disk it is a zarr v3 group (one
+array per slot, one chunk file per sample); in RAM, one torch tensor per slot with the same API.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from streamq.errors import StreamqError, disk_full
 from streamq.io.manifest import fsync_path
 
 SLOTS = ("a", "b")
+FP_SLOTS = ("fa", "fb")  # the fp stream's pair; fp(slot) is slot's partner
 FORMAT = "streamq-activations"
 VERSION = 1
 # zarr has no bfloat16: its raw bits go in as uint16 and are viewed back on read.
@@ -32,26 +34,29 @@ ZARR_CONFIG = {"write_empty_chunks": True}
 
 
 class ActivationStore:
-    """Slots "a"/"b" of shape [nsamples, seqlen, hidden] in the model's dtype (float32/float16/bfloat16)."""
+    """Slots "a"/"b" (and "fa"/"fb" with an fp stream) of shape [nsamples, seqlen, hidden] in the model's dtype
+    (float32/float16/bfloat16)."""
 
     def __init__(self, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
                  path: str | None, arrays: dict | None, tensors: dict | None):
         self.nsamples, self.seqlen, self.hidden, self.dtype = nsamples, seqlen, hidden, dtype
+        self.slots = tuple(arrays if arrays is not None else tensors)
         self._path = path
         self._arrays = arrays  # slot -> zarr.Array, on disk
         self._tensors = tensors  # slot -> Tensor, in RAM
         # In RAM only; on disk a sample's chunk file is the record of it being written.
-        self._written = {s: torch.zeros(nsamples, dtype=torch.bool) for s in SLOTS} if tensors is not None else None
+        self._written = {s: torch.zeros(nsamples, dtype=torch.bool) for s in self.slots} if tensors is not None else None
         self.io_seconds = 0.0  # time callers spent blocked on this store: reads not yet prefetched, writes, fsyncs
 
     @classmethod
     def on_disk(cls, path: str, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
-                create: bool) -> ActivationStore:
+                create: bool, fp_stream: bool = False) -> ActivationStore:
         """Create a fresh store in folder ``path`` (replacing an old store there), or with create=False
-        reopen one for a resumed run, refusing it unless shape and dtype match."""
+        reopen one for a resumed run, refusing it unless shape, dtype and slots match."""
         _check_layout(nsamples, seqlen, hidden, dtype)
         name = _dtype_name(dtype)
         shape = (nsamples, seqlen, hidden)
+        slots = _slots(fp_stream)
         if create:
             _clear_for_create(path)
             try:
@@ -63,7 +68,7 @@ class ActivationStore:
                     # store sits on the per-block critical path where codec time would dominate.
                     compressors=None, filters=None, fill_value=0,
                     chunk_key_encoding={"name": "default", "separator": "/"},
-                    attributes={"torch_dtype": name}, config=ZARR_CONFIG) for s in SLOTS}
+                    attributes={"torch_dtype": name}, config=ZARR_CONFIG) for s in slots}
             except OSError as e:
                 raise StreamqError(f"activation store {path}: cannot create ({e})") from None
             return cls(nsamples, seqlen, hidden, dtype, path, arrays, None)
@@ -75,7 +80,7 @@ class ActivationStore:
             raise StreamqError(f"activation store {path}: holds {attrs.get('shape')} {attrs.get('torch_dtype')} "
                                f"(version {attrs.get('version')}), this run needs {list(shape)} {name}")
         arrays = {}
-        for s in SLOTS:
+        for s in slots:
             if s not in root:
                 raise StreamqError(f"activation store {path}: slot {s} is missing")
             arr = root[s]
@@ -87,10 +92,11 @@ class ActivationStore:
         return cls(nsamples, seqlen, hidden, dtype, path, arrays, None)
 
     @classmethod
-    def in_ram(cls, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> ActivationStore:
-        """Both slots as CPU tensors: 2 * nsamples * nbytes_per_sample bytes allocated now."""
+    def in_ram(cls, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
+               fp_stream: bool = False) -> ActivationStore:
+        """Every slot as a CPU tensor: 2 (4 with fp_stream) * nsamples * nbytes_per_sample bytes allocated now."""
         _check_layout(nsamples, seqlen, hidden, dtype)
-        tensors = {s: torch.empty(nsamples, seqlen, hidden, dtype=dtype) for s in SLOTS}
+        tensors = {s: torch.empty(nsamples, seqlen, hidden, dtype=dtype) for s in _slots(fp_stream)}
         return cls(nsamples, seqlen, hidden, dtype, None, None, tensors)
 
     @property
@@ -105,9 +111,17 @@ class ActivationStore:
 
     @staticmethod
     def other(slot: str) -> str:
-        """The slot a block writes when it reads ``slot``."""
+        """The slot a block writes when it reads ``slot`` (the same stream's other slot)."""
         _check_slot(slot)
-        return "b" if slot == "a" else "a"
+        return {"a": "b", "b": "a", "fa": "fb", "fb": "fa"}[slot]
+
+    @staticmethod
+    def fp(slot: str) -> str:
+        """The fp stream's slot paired with quantized-stream ``slot``: it holds the same samples' hidden
+        states in the unquantized model."""
+        if slot not in SLOTS:
+            raise StreamqError(f"activation store: slot {slot!r} is not one of {SLOTS}")
+        return "f" + slot
 
     def read(self, slot: str, i: int) -> torch.Tensor:
         """Sample i of ``slot``: [1, seqlen, hidden] CPU tensor of the store's dtype (a copy)."""
@@ -157,7 +171,7 @@ class ActivationStore:
             self._flush(slot)
 
     def _flush(self, slot: str) -> None:
-        _check_slot(slot)
+        self._check_slot(slot)
         missing = [i for i in range(self.nsamples) if not self._has(slot, i)]
         if missing:
             where = self._path or "(RAM)"
@@ -177,7 +191,7 @@ class ActivationStore:
     def iter_samples(self, slot: str, prefetch: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (i, sample [1, seqlen, hidden]) for i = 0..nsamples-1; with prefetch, sample i+1 is read
         on a background thread while the caller works on sample i."""
-        _check_slot(slot)
+        self._check_slot(slot)
         if not prefetch:
             for i in range(self.nsamples):
                 yield i, self.read(slot, i)
@@ -218,8 +232,13 @@ class ActivationStore:
         # Pinned by chunk_key_encoding "default" with "/" separator: <slot>/c/<sample>/0/0.
         return os.path.join(self._path, slot, "c", str(i), "0", "0")
 
-    def _check_index(self, slot: str, i: int) -> None:
+    def _check_slot(self, slot: str) -> None:
         _check_slot(slot)
+        if slot not in self.slots:
+            raise StreamqError(f"activation store: slot {slot} exists only in a store with an fp stream")
+
+    def _check_index(self, slot: str, i: int) -> None:
+        self._check_slot(slot)
         if self._arrays is None and self._tensors is None:
             raise StreamqError("activation store: used after delete()")
         if not 0 <= i < self.nsamples:
@@ -227,8 +246,12 @@ class ActivationStore:
 
 
 def _check_slot(slot: str) -> None:
-    if slot not in SLOTS:
-        raise StreamqError(f"activation store: slot {slot!r} is not one of {SLOTS}")
+    if slot not in SLOTS + FP_SLOTS:
+        raise StreamqError(f"activation store: slot {slot!r} is not one of {SLOTS + FP_SLOTS}")
+
+
+def _slots(fp_stream: bool) -> tuple[str, ...]:
+    return SLOTS + FP_SLOTS if fp_stream else SLOTS
 
 
 def _check_layout(nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> None:

@@ -1,0 +1,33 @@
+"""`streamq demo` end to end on a tiny stand-in for SmolLM2 (no network): it compresses, evaluates and generates,
+and redoes its own cache folder when another streamq version left it there, but never discards a user's folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamq import demo
+from streamq.errors import OtherRunError
+from tests.conftest import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_demo_runs_and_redoes_its_stale_cache_folder(tmp_path, monkeypatch, capsys):
+    src = make_tiny_model(tmp_path / "SmolLM2-tiny", "llama", n_layers=2, shards=1)
+    monkeypatch.setattr(demo, "ensure_smollm2", lambda: src)
+    monkeypatch.setattr(demo, "default_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(demo, "DEMO", {**demo.DEMO, "nsamples": 2, "seqlen": 64})
+    monkeypatch.setattr(demo, "EVAL", {"seqlen": 64, "max_windows": 2})
+    first = demo.run_demo(None, 4, "rtn")
+    assert first["ppl_compressed"] > 0 and "perplexity on 2 x 64 held-out tokens" in capsys.readouterr().out
+    out = tmp_path / "cache" / "SmolLM2-tiny-rtn-w4g64"
+    manifest = json.loads((out / "streamq_manifest.json").read_text())
+    manifest["fingerprint"]["streamq version"] = "0.0.1"  # as an older streamq would have left it
+    (out / "streamq_manifest.json").write_text(json.dumps(manifest))
+    again = demo.run_demo(None, 4, "rtn")
+    assert again["ppl_compressed"] == first["ppl_compressed"]
+    assert json.loads((out / "streamq_manifest.json").read_text())["fingerprint"]["streamq version"] != "0.0.1"
+    (out / "streamq_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OtherRunError, match="belongs to another run"):  # --out given: the user's folder
+        demo.run_demo(str(out), 4, "rtn")
