@@ -3,7 +3,9 @@
 Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the compute dtype; for a Linear L
 [out, in]: Hu = in^2 * 4 (its fp32 Hessian) and Wu = out * in * 4. On the CPU:
 
-    peak RAM  = baseline + RUN_OVERHEAD + store_ram + max(capture, block_0 .. block_n-1, finish)
+    peak RAM  = baseline + RUN_OVERHEAD + store_ram + max(capture, block_0 .. block_n-1, finish) + pending
+    pending   = the largest block's packed output tensors: block i's wait for their write-behind while block
+                i + 1 computes (io/writebehind.py)
     store_ram = slots * nsamples * seqlen * hidden * c  offload ram: every slot (2; AutoRound's fp stream 4)
               | PREFETCH * seqlen * hidden * c           offload disk: the samples in flight
     capture   = embeddings in c + max(one of them as read, fwd)                            stage 4
@@ -101,6 +103,7 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "sample_bytes": opts.seqlen * hidden * c,
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,
+        "pending_bytes": max((u.nbytes for k, u in writer.units.items() if k.startswith("block.")), default=0),
         "samples_per_forward": min(cfg.batch_size, opts.nsamples) if cfg.method == "autoround" else 1,
     }
 
@@ -167,7 +170,7 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
         else:
             ram.append(f["embed_bytes"] + max(f["embed_read_bytes"], f["fwd_bytes"]))
     return {
-        "ram": baseline + RUN_OVERHEAD + store_ram + max(ram) + (CUDA_HOST_OVERHEAD if cuda else 0),
+        "ram": baseline + RUN_OVERHEAD + store_ram + max(ram) + f["pending_bytes"] + (CUDA_HOST_OVERHEAD if cuda else 0),
         "vram": max(vram) + VRAM_RESERVE if vram else 0,
         "disk": f["output_bytes"] + (f["slots"] * f["slot_bytes"] if offload == "disk" else 0),
         "blocks": blocks,

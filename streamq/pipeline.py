@@ -25,6 +25,7 @@ from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.manifest import read_json, write_json_atomic
 from streamq.io.prefetch import Prefetcher
+from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.progress import BlockProgress
@@ -216,8 +217,9 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     3. Open the output folder: fresh, or resumed from its manifest when the run fingerprint matches.
     4. Capture block-0 inputs into the activation store (skipped when resuming past block 0).
     5. Per block: materialize, quantize, write its outputs (next block's inputs) to the other store slot,
-       write its packed tensors into their shard (SpQR: the block's own shard, laid out from its outlier
-       counts now), then record it in the manifest. Data first, manifest last.
+       pack it, then on the write-behind thread write its tensors into their shard (SpQR: the block's own
+       shard, laid out from its outlier counts now) and record it in the manifest, data first, manifest last,
+       while the next block computes (the store is not written again before that record is done).
        Stop here (Interrupted) when should_stop() says so: the folder resumes with the same call.
     6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
     """
@@ -251,6 +253,9 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, fp_stream)  # 4
 
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
+    writes = WriteBehind()  # block i is written and recorded while block i + 1 computes
+    if store is not None:  # ... but the store slot a resume would restart from is kept until then
+        store.before_write = writes.wait
     try:
         for i in range(manifest["next_block"], layout.n_blocks):  # 5
             start, store_io = time.perf_counter(), store.io_seconds if store else 0.0
@@ -260,25 +265,32 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
             slot = manifest["slot"]
             work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs, cfg, dev, dtype, lean)  # noqa
             results = with_fallback(work, CPU if i in opts.cpu_blocks else device, f"block {i + 1}/{layout.n_blocks}")
+            io_wait += writes.wait()  # block i - 1 is on disk: the manifest and the writer are ours again
             if store is not None:
                 manifest["slot"] = store.other(slot)
             layers = layer_records(results, cfg)
             if units[i].sized_by_data:  # SpQR: the outlier counts size the block's own shard
                 writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}))
                 manifest["plan"].update(writer.plan())
-            written = time.perf_counter()
-            manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}",
-                                                                block_tensors(layout, ckpt, i, results, cfg))
-            io_wait += time.perf_counter() - written + (store.io_seconds - store_io if store else 0.0)
+            tensors = block_tensors(layout, ckpt, i, results, cfg)
+            del results
             release_block(layout, i)
+            io_wait += store.io_seconds - store_io if store else 0.0
             seconds = time.perf_counter() - start
             manifest["blocks"][str(i)] = {"layers": layers, "seconds": seconds, "io_wait_seconds": io_wait}
             manifest["next_block"] = i + 1
-            write_json_atomic(out / MANIFEST, manifest)
-            progress.block_done(i, results, seconds, io_wait)
-            if should_stop(): raise Interrupted(i + 1, layout.n_blocks)  # SIGINT/SIGTERM: stop once i is on disk
+            writes.submit(lambda i=i, tensors=tensors: record_block(out, writer, manifest, i, tensors))
+            del tensors
+            progress.block_done(i, layers, seconds, io_wait)
+            if should_stop():  # SIGINT/SIGTERM: stop once block i is on disk
+                writes.wait()
+                raise Interrupted(i + 1, layout.n_blocks)
+        writes.wait()
     finally:
+        writes.close()
         readahead.close()
+        if store is not None:
+            store.before_write = None
     progress.close()
 
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device)  # 6
@@ -286,6 +298,12 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return out
+
+
+def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write block i's tensors into their shard, then the manifest that records it (data first)."""
+    manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", tensors)
+    write_json_atomic(out / MANIFEST, manifest)
 
 
 def load_tokenizer(folder: Path):

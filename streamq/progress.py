@@ -37,18 +37,18 @@ class BlockProgress:
         self.bar = tqdm(total=n_blocks, initial=first, desc="blocks", unit="block", disable=not enabled,
                         dynamic_ncols=True)
 
-    def block_done(self, i: int, results: dict, seconds: float, io_wait: float) -> None:
-        """results: Linear name -> (QuantResult, LayerReport); seconds: the block's wall time, io_wait: the part
-        of it spent blocked on reads and writes."""
+    def block_done(self, i: int, layers: dict[str, dict], seconds: float, io_wait: float) -> None:
+        """layers: Linear name -> its report record (LayerReport fields: error, warning, ...); seconds: the
+        block's wall time, io_wait: the part of it spent blocked on reads and writes."""
         self.seconds, self.io_wait = self.seconds + seconds, self.io_wait + io_wait
-        errors = {name: r.error for name, (_, r) in results.items()}
+        errors = {name: r["error"] for name, r in layers.items()}
         worst = max(errors, key=errors.get)
         self.bar.set_postfix(err=f"{sum(errors.values()) / len(errors):.4f}",
                              io=f"{100 * self.io_wait / max(self.seconds, 1e-9):.0f}%",
                              **memory_postfix(self.device, self.store.path if self.store else None))
         self.bar.write(f"block {i + 1}/{self.bar.total}: mean layer error {sum(errors.values()) / len(errors):.5f}, "
                        f"worst {worst} {errors[worst]:.5f}" + "".join(
-                           f"\n  warning {n}: {r.warning}" for n, (_, r) in results.items() if r.warning))
+                           f"\n  warning {n}: {r['warning']}" for n, r in layers.items() if r.get("warning")))
         self.bar.update(1)
 
     def close(self) -> None:

@@ -36,6 +36,12 @@ def assert_one_line_error(code, err, *words):
         assert w in err, (w, err)
 
 
+def assert_compress_refused(src, tmp_path, capsys, *words):
+    """compress SRC fails with a one-line error naming words, and leaves nothing marked complete."""
+    assert_one_line_error(*run_cli(["compress", str(src), str(tmp_path / "o"), *FAST], capsys), *words)
+    assert_nothing_complete(tmp_path / "o")
+
+
 def assert_nothing_complete(out):
     """A failed run marks nothing complete: no config.json, and a manifest (if any) that says not complete."""
     assert not (out / "config.json").exists()
@@ -98,23 +104,19 @@ def test_unsupported_architecture(model, tmp_path, capsys):
     config = json.loads((bad / "config.json").read_text())
     config["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
-                          "gpt2", "llama", "mistral", "qwen2", "qwen3", "opt")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "gpt2", "llama", "mistral", "qwen2", "qwen3", "opt")
 
 
 def test_config_not_json(model, tmp_path, capsys):
     bad = copy_model(model, tmp_path / "badjson")
     (bad / "config.json").write_text("{ not json")
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), "config.json", "JSON")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "config.json", "JSON")
 
 
 def test_config_without_model_type(model, tmp_path, capsys):
     bad = copy_model(model, tmp_path / "notype")
     (bad / "config.json").write_text(json.dumps({"hidden_size": 64}))
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), "model_type")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "model_type")
 
 
 def test_pickle_checkpoint_refused(tmp_path, capsys, model):
@@ -122,18 +124,14 @@ def test_pickle_checkpoint_refused(tmp_path, capsys, model):
     bad.mkdir()
     (bad / "config.json").write_text((model / "config.json").read_text())
     (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
-                          "pytorch_model.bin", "safetensors")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "pytorch_model.bin", "safetensors")
 
 
 def test_truncated_safetensors(model, tmp_path, capsys):
     bad = copy_model(model, tmp_path / "trunc")
     shard = bad / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
-                          "model-00002-of-00002.safetensors", "truncated")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "model-00002-of-00002.safetensors", "truncated")
 
 
 def test_header_offsets_lie(model, tmp_path, capsys):
@@ -147,8 +145,7 @@ def test_header_offsets_lie(model, tmp_path, capsys):
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     shard.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys), name)
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, name)
 
 
 def test_missing_tensor(model, tmp_path, capsys):
@@ -158,9 +155,7 @@ def test_missing_tensor(model, tmp_path, capsys):
     tensors = load_file(bad / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, bad / "model.safetensors")
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
-                          "model.layers.1.mlp.up_proj.weight", "missing")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "model.layers.1.mlp.up_proj.weight", "missing")
 
 
 def test_unusable_dtype(tmp_path, capsys):
@@ -171,9 +166,7 @@ def test_unusable_dtype(tmp_path, capsys):
     name = "model.layers.0.self_attn.q_proj.weight"
     tensors[name] = tensors[name].to(torch.float8_e4m3fn)
     save_file(tensors, bad / "model.safetensors")
-    assert_one_line_error(*run_cli(["compress", str(bad), str(tmp_path / "o"), *FAST], capsys),
-                          "model.safetensors", name, "F8_E4M3", "cannot use")
-    assert_nothing_complete(tmp_path / "o")
+    assert_compress_refused(bad, tmp_path, capsys, "model.safetensors", name, "F8_E4M3", "cannot use")
 
 
 def test_nan_weight(tmp_path, capsys):

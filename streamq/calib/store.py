@@ -47,6 +47,7 @@ class ActivationStore:
         # In RAM only; on disk a sample's chunk file is the record of it being written.
         self._written = {s: torch.zeros(nsamples, dtype=torch.bool) for s in self.slots} if tensors is not None else None
         self.io_seconds = 0.0  # time callers spent blocked on this store: reads not yet prefetched, writes, fsyncs
+        self.before_write = None  # called (and its time counted in io_seconds) before every write, see writebehind.py
 
     @classmethod
     def on_disk(cls, path: str, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
@@ -142,6 +143,8 @@ class ActivationStore:
     def write(self, slot: str, i: int, x: torch.Tensor) -> None:
         """Store x: [1, seqlen, hidden] of exactly the store's dtype, on any device, as sample i."""
         with self._blocked():
+            if self.before_write is not None:
+                self.before_write()
             self._write(slot, i, x)
 
     def _write(self, slot: str, i: int, x: torch.Tensor) -> None:
