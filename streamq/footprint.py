@@ -28,7 +28,8 @@ and two of (damped copy, factor, inverse, its factor) at a time plus LAPACK's co
 loop holds Hinv, the working W, Q and uint8 codes; the error takes rows a chunk at a time (4 temporaries).
 (W.float() is a copy when c != 4.)
 BLOCK_SLACK covers the heap fragmentation a previous block leaves (the second block measured 15-20% above the
-first at equal shapes; later ones no higher). SpQR is planned as GPTQ.
+first at equal shapes while the pipeline still held block i's results through block i+1; since that was fixed,
+2 and 8 blocks at 7B width peak the same, at 0.78 of the plan: the factor is conservative). SpQR is planned as GPTQ.
 
 On a CUDA device the block terms count against VRAM, plus VRAM_RESERVE (context, allocator slack); the host
 keeps the tensor being read and CUDA_HOST_OVERHEAD. RTN: no Hessians, solver 6 Wu, no store, no forward.
