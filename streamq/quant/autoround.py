@@ -25,7 +25,7 @@ from torch.func import functional_call
 from streamq.calib.capture import batched_kwargs
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import _FP16_MAX, _FP16_TINY, QuantResult, check_group_size, full_range_scale, grid_range
+from streamq.quant.grid import QuantResult, check_group_size, fp16_scale, full_range_scale, grid_range
 
 Batch = Callable[[list[int]], Tensor]  # sample indices -> [len(idx), seq, hidden]
 
@@ -59,8 +59,7 @@ def qdq(t: Tunable, bits: int, sym: bool, full_range: bool = False) -> tuple[Ten
         scale = full_range_scale(t.wmin * t.alpha, t.wmax * t.beta, bits)
     else:
         xmin, xmax = grid_range(t.wmin * t.alpha, t.wmax * t.beta, sym)
-        scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().float()  # the cast passes gradients through
-        scale = torch.where(scale == 0, _FP16_TINY, scale)
+        scale = fp16_scale((xmax - xmin) / maxq)
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else _round_ste(-xmin / scale).clamp(1, maxq)
     scale3, zero3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
     codes = torch.clamp(_round_ste(t.W / scale3 + t.V) + zero3, 0, maxq)

@@ -43,13 +43,19 @@ def grid_range(xmin: Tensor, xmax: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
     return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
 
 
+def fp16_scale(scale: Tensor) -> Tensor:
+    """scale rounded to fp16 (clamped to its finite range; what the checkpoint stores), 0 replaced by the
+    smallest fp16 normal, in scale's dtype. The cast passes gradients straight through (AutoRound)."""
+    scale = scale.clamp(-_FP16_MAX, _FP16_MAX).half().to(scale.dtype)
+    return torch.where(scale == 0, _FP16_TINY, scale)
+
+
 def full_range_scale(wmin: Tensor, wmax: Tensor, bits: int) -> Tensor:
     """Scale of the full-range symmetric grid (auto-round's int_sym) from wmin <= 0 <= wmax: the larger side is
     2^(bits-1) steps from 0 and lands on code 0 (scale negative when that side is wmax); fp16-rounded like
     fit_grid's, 0 replaced by the smallest fp16 normal. Differentiable (AutoRound tunes wmin/wmax through it)."""
     larger = torch.where(wmax >= -wmin, -wmax, -wmin)
-    scale = (larger / (1 << (bits - 1))).clamp(-_FP16_MAX, _FP16_MAX).half().to(wmin.dtype)
-    return torch.where(scale == 0, _FP16_TINY, scale)
+    return fp16_scale(larger / (1 << (bits - 1)))
 
 
 def fit_grid(w: Tensor, bits: int, sym: bool, full_range: bool = False) -> tuple[Tensor, Tensor]:
@@ -67,8 +73,7 @@ def fit_grid(w: Tensor, bits: int, sym: bool, full_range: bool = False) -> tuple
         scale = full_range_scale(wmin, wmax, bits)
         return scale, torch.full_like(scale, (maxq + 1) / 2)
     xmin, xmax = grid_range(wmin, wmax, sym)
-    scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().to(w.dtype)
-    scale = torch.where(scale == 0, _FP16_TINY, scale)
+    scale = fp16_scale((xmax - xmin) / maxq)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:

@@ -32,10 +32,9 @@ from torch import Tensor
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
 from streamq.quant.gptq import batch_bounds, inverse_cholesky, working_copies
-from streamq.quant.grid import check_group_size, dequantize, fit_grid, quantize_codes
+from streamq.quant.grid import _FP16_MAX, check_group_size, dequantize, fit_grid, quantize_codes
 
 _EPS = 1e-9  # the reference's floor for a scale in a division
-_FP16_MAX = 65504.0
 _FP16_SMALLEST = 2.0**-24  # smallest positive fp16 (subnormal): keeps a stored second-level scale positive
 
 
