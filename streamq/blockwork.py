@@ -31,7 +31,9 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     block = load_block(layout, ckpt, i, device, dtype)
     kwargs = batched_kwargs(kwargs, 1, device)
     if cfg.method == "autoround":
-        fp_inputs = None if not cfg.fp_targets else slot if i == 0 else store.fp(slot)  # block 0: one stream
+        fp_inputs = None
+        if cfg.fp_stream:  # block 0's inputs are the same in both streams: slot holds them
+            fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
                               chunk=max(1, cfg.batch_size // 2) if lean else None)
     samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None

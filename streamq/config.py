@@ -144,6 +144,11 @@ class QuantConfig:
                                "use --simplified-outliers")
 
     @property
+    def fp_stream(self) -> bool:
+        """Whether the run carries the fp model's hidden states beside the quantized ones (AutoRound's targets)."""
+        return self.method == "autoround" and self.fp_targets
+
+    @property
     def maxq(self) -> int:
         """Largest integer code, 2**bits - 1."""
         return (1 << self.bits) - 1

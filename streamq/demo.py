@@ -24,13 +24,13 @@ def run_demo(out: str | None, bits: int, method: str) -> dict:
     src = ensure_smollm2()
     out_dir = Path(out) if out else default_cache_dir() / f"{src.name}-{method}-w{bits}g{DEMO['group_size']}"
     start = time.perf_counter()
+    compress = lambda **kw: streamq.compress(src, out_dir, method=method, bits=bits, **DEMO, **kw)  # noqa: E731
     try:
-        streamq.compress(src, out_dir, method=method, bits=bits, **DEMO)
+        compress()
     except OtherRunError:
         if out:  # the user's folder: not ours to discard
             raise
-        # the demo's own cache folder, left by another streamq version: redo it
-        streamq.compress(src, out_dir, method=method, bits=bits, resume="restart", **DEMO)
+        compress(resume="restart")  # the demo's own cache folder, left by another streamq version: redo it
     seconds = time.perf_counter() - start
     ppl_fp = streamq.evaluate(src, DATA / "heldout.txt", **EVAL)
     ppl_q = streamq.evaluate(out_dir, DATA / "heldout.txt", **EVAL)

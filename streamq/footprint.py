@@ -100,7 +100,7 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "embed_read_bytes": max(map(as_read, embed), default=0),
         "rest_bytes": sum(map(ckpt.nbytes, rest)) + max((math.prod(ckpt.tensors[n].shape) for n in rest), default=0),
         "slot_bytes": opts.nsamples * opts.seqlen * hidden * c,
-        "slots": 4 if cfg.method == "autoround" and cfg.fp_targets else 2,
+        "slots": 4 if cfg.fp_stream else 2,
         "sample_bytes": opts.seqlen * hidden * c,
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,

@@ -249,8 +249,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
     if tokens is not None:
-        fp_stream = cfg.method == "autoround" and cfg.fp_targets
-        store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, fp_stream)  # 4
+        store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, cfg.fp_stream)  # 4
 
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
     writes = WriteBehind()  # block i is written and recorded while block i + 1 computes
@@ -287,10 +286,10 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
                 raise Interrupted(i + 1, layout.n_blocks)
         writes.wait()
     finally:
-        writes.close()
         readahead.close()
         if store is not None:
             store.before_write = None
+        writes.close()  # last: it re-raises a failed pending write
     progress.close()
 
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device)  # 6

@@ -4,7 +4,7 @@ and the safetensors headers; no weight is read); this module makes the decisions
 
 Decisions: where the activations live (ram when its slots fit --max-ram next to the block, else disk; only
 when --offload is not given, and never ram for a run resuming from disk); which blocks run on the CPU because
-they do not fit --max-vram (recorded; compress refuses such plans for now). Recorded, not chosen: samples per
+they do not fit --max-vram (compress runs them there, RunOptions.cpu_blocks). Recorded, not chosen: samples per
 forward (the pipeline runs one, AutoRound batch_size) and Hessians held at once (the true-sequential groups).
 """
 from __future__ import annotations

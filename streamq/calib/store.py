@@ -120,8 +120,7 @@ class ActivationStore:
     def fp(slot: str) -> str:
         """The fp stream's slot paired with quantized-stream ``slot``: it holds the same samples' hidden
         states in the unquantized model."""
-        if slot not in SLOTS:
-            raise StreamqError(f"activation store: slot {slot!r} is not one of {SLOTS}")
+        _check_slot(slot, SLOTS)
         return "f" + slot
 
     def read(self, slot: str, i: int) -> torch.Tensor:
@@ -248,9 +247,9 @@ class ActivationStore:
             raise StreamqError(f"activation store: sample {i} out of range [0, {self.nsamples})")
 
 
-def _check_slot(slot: str) -> None:
-    if slot not in SLOTS + FP_SLOTS:
-        raise StreamqError(f"activation store: slot {slot!r} is not one of {SLOTS + FP_SLOTS}")
+def _check_slot(slot: str, allowed: tuple[str, ...] = SLOTS + FP_SLOTS) -> None:
+    if slot not in allowed:
+        raise StreamqError(f"activation store: slot {slot!r} is not one of {allowed}")
 
 
 def _slots(fp_stream: bool) -> tuple[str, ...]:
