@@ -8,7 +8,8 @@ safetensors (one shard per block, written tensor by tensor: a block at a time in
 Then compresses it with GPTQ (4 bits, group 128) in a fresh subprocess under --max-ram (default: the RAM
 available now) and --max-vram, after planning the same run there, and prints a markdown table: peak RSS
 (ru_maxrss) against the plan's predicted peak, seconds per block measured (streamq_report.json) and estimated
-by the plan's micro-benchmark, the share of block time spent waiting on IO, and peak VRAM. Models and outputs go to a temporary folder under --work, removed at the end.
+by the plan's micro-benchmark, the share of block time spent waiting on IO, and peak VRAM. Models and outputs
+go to a temporary folder under --work, removed at the end.
 """
 from __future__ import annotations
 
