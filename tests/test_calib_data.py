@@ -13,7 +13,7 @@ from streamq.calib.data import CalibSource, calibration_windows, eval_windows, l
 from streamq.errors import StreamqError
 from tests.tokenizer_fixtures import PARAGRAPHS, build_tiny_tokenizer, tiny_tokenizer  # noqa: F401
 
-AUSTEN = Path("/work/shared/data/austen-calib.txt")
+AUSTEN = Path(data.__file__).parent.parent / "data" / "calib.txt"  # the shipped text (streamq/data/)
 TEXT = "\n".join(PARAGRAPHS * 6)
 
 
@@ -179,8 +179,6 @@ def test_token_hash():
 # -- tokenizing large text ----------------------------------------------------------------------------
 
 def test_chunked_tokenization_matches_whole_and_is_quiet(tmp_path, monkeypatch):
-    if not AUSTEN.exists():
-        pytest.skip(f"{AUSTEN} not available")
     text = AUSTEN.read_text(encoding="utf-8")[:120_000]
     path = write(tmp_path / "austen.txt", text)
     tok = build_tiny_tokenizer()  # fresh: transformers warns once per tokenizer instance
