@@ -146,11 +146,14 @@ def test_dequantize_reproduces_quantized_weights_exactly(bits, variant):
         assert torch.equal(dequantize_gptq(pack_gptq(r, bits), bits), r.weight)
 
 
-def test_packed_shapes_partial_last_group():
-    shapes = packed_shapes(4096, 11008, 4, 128)
+def test_packed_shapes_7b_down_proj_and_partial_group_count():
+    shapes = packed_shapes(4096, 11008, 4, 128)  # 86 full groups of 128
     assert shapes["qweight"] == ((1376, 4096), torch.int32)
     assert shapes["qzeros"] == ((86, 512), torch.int32)
     assert shapes["scales"] == ((86, 4096), torch.float16)
     assert shapes["g_idx"] == ((11008,), torch.int32)
-    assert packed_shapes(64, 96, 4, 64)["scales"][0] == (2, 64)  # ceil(96 / 64)
+    # a partial last group (compress refuses group sizes that do not divide in_features, check_group_size,
+    # but the shapes count it): 96 columns in groups of 64 are 2 groups
+    assert packed_shapes(64, 96, 4, 64)["scales"][0] == (2, 64)
+    assert packed_shapes(64, 96, 4, 64)["qzeros"][0] == (2, 64 * 4 // 32)
     assert packed_shapes(64, 96, 4, -1)["scales"][0] == (1, 64)

@@ -1,5 +1,6 @@
 """SpQR kernels (on CUDA, else Triton's CPU interpreter) against their torch references, the launchers' choice,
-SpQRLinear. Imports nothing that imports transformers, so it can run in a fresh process (see the last test)."""
+SpQRLinear. Without CUDA the kernels run in Triton's interpreter, which works only if Triton is first imported
+with TRITON_INTERPRET=1 set: tests/conftest.py sets it before anything imports Triton (`device` checks)."""
 import sys
 
 import pytest

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from streamq.errors import StreamqError
 from streamq.io.checkpoint import Checkpoint
 
-# Tested architectures (config.model_type). Others with the same module structure may work but are refused.
+# Accepted architectures (config.model_type); tests compress llama, qwen2, qwen3 and opt; mistral (llama's module
+# structure) is accepted untested. Others with the same module structure may work but are refused.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "opt")
 
 
