@@ -8,13 +8,13 @@ import json
 import re
 
 import pytest
-import zarr.storage._local
 
+import streamq.calib.store
 import streamq.io.manifest
 import streamq.io.writer
 from streamq.cli import main
 from tests.conftest import make_tiny_model, output_snapshot
-from tests.faults import InterceptedFile, write_half
+from tests.faults import InterceptedFile, full_disk_store, write_half
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,16 +51,10 @@ def fill_disk(where: str, monkeypatch) -> None:
         monkeypatch.setattr(streamq.io.writer, "open", full_after(40), raising=False)
     elif where == "manifest":  # the first manifest, block 0's, then block 1's fails
         monkeypatch.setattr(streamq.io.manifest, "open", full_after(2), raising=False)
-    else:  # the 3rd sample file of slot a: block 1's first output (block-0 inputs were the first two)
-        put, count = zarr.storage._local._put, [0]
-
-        def full(path, *a, **k):
-            count[0] += "/a/c/" in str(path)
-            if count[0] >= 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return put(path, *a, **k)
-
-        monkeypatch.setattr(zarr.storage._local, "_put", full)
+    else:  # the 3rd sample of slot a: block 1's first output (block-0 inputs were the first two)
+        local = streamq.calib.store.open_local
+        monkeypatch.setattr(streamq.calib.store, "open_local",
+                            lambda path: full_disk_store(local(path), fail_at=3, prefix="a/c/"))
 
 
 @pytest.mark.parametrize("where,file", [("shard", "model-00002-of-00003.safetensors.partial"),

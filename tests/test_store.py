@@ -76,6 +76,52 @@ def test_reopen_sees_earlier_data(tmp_path):
     assert same_bits(again.read("a", 0), xs[0])
 
 
+def test_reopen_takes_only_complete_slots(tmp_path):
+    """A resumed run reads the slot its manifest points at (complete, flushed); a slot a killed block left half
+    written is not trusted: its samples count as unwritten until this run writes them."""
+    xs = samples(torch.float32)
+    store = make("disk", tmp_path, torch.float32)
+    for i in range(N):
+        store.write("b", i, xs[i])
+    store.flush("b")
+    for i in range(2):
+        store.write("a", i, xs[i])
+    del store
+    again = make("disk", tmp_path, torch.float32, create=False)
+    assert same_bits(again.read("b", N - 1), xs[N - 1])
+    with pytest.raises(StreamqError, match="sample 0 of slot a was never written"):
+        again.read("a", 0)
+    with pytest.raises(StreamqError, match="slot a lacks samples"):
+        again.flush("a")
+    for i in range(N):
+        again.write("a", i, xs[i])
+    again.flush("a")
+
+
+@pytest.mark.parametrize("has_syncfs", [True, False])
+def test_flush_syncs_once_per_slot(tmp_path, monkeypatch, has_syncfs):
+    """One filesystem sync per flush (not one fsync per sample); without syncfs, every file and folder."""
+    import streamq.calib.store as store_module
+
+    syncs, fsyncs = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(store_module, "sync_filesystem", lambda path: syncs.append(path) or has_syncfs)
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    store = make("disk", tmp_path, torch.float32)
+    for i in range(N):
+        store.write("a", i, samples(torch.float32)[i])
+    store.flush("a")
+    assert len(syncs) == 1
+    # without syncfs: N chunk files and a/zarr.json, the folders a/c/<i>/0, a/c/<i>, a/c, a, then zarr.json, root
+    assert len(fsyncs) == (0 if has_syncfs else (N + 1) + (2 * N + 2) + 2), len(fsyncs)
+
+
+def test_sync_filesystem_works_here(tmp_path):
+    from streamq.calib.store import sync_filesystem
+
+    assert sync_filesystem(str(tmp_path)) is True  # Linux glibc: the syncfs path is the one taken
+
+
 def test_reopen_refuses_other_dtype_or_shape(tmp_path):
     path = str(tmp_path / "acts")
     ActivationStore.on_disk(path, N, S, H, torch.bfloat16, create=True)

@@ -3,11 +3,19 @@
 Two slots, "a" and "b", ping-pong: block i reads one and writes the other, so the slot a manifest
 points at is never being written. A store with an fp stream (AutoRound's targets: the unquantized model's
 hidden states) has a second pair, "fa" and "fb", that ping-pongs alongside. On disk it is a zarr v3 group (one
-array per slot, one chunk file per sample); in RAM, one torch tensor per slot with the same API.
+array per slot, one chunk per sample), used through zarr's public API only: zarr >= 3.1.3 writes each chunk to a
+temporary file and renames it into place, so a killed write never leaves a torn sample. In RAM, one torch tensor
+per slot with the same API.
+
+Which samples hold data is tracked in memory (a sample is written before it is read, a slot complete before a
+manifest points at it); a store reopened for a resume takes a slot whose every chunk is stored as complete.
+flush() makes a slot durable with one filesystem sync (syncfs) rather than one fsync per sample file.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import shutil
@@ -26,10 +34,10 @@ SLOTS = ("a", "b")
 FP_SLOTS = ("fa", "fb")  # the fp stream's pair; fp(slot) is slot's partner
 FORMAT = "streamq-activations"
 VERSION = 1
-# zarr has no bfloat16: its raw bits go in as uint16 and are viewed back on read.
+# zarr has no bfloat16 (without the ml_dtypes extension): its raw bits go in as uint16, a view both ways (no copy).
 STORED_AS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "uint16"}
 DTYPES = {str(d).removeprefix("torch."): d for d in STORED_AS}
-# Every chunk becomes a file, even an all-zero one, so "file exists" means "sample was written".
+# Every chunk is stored, even an all-zero one, so a slot whose chunks are all stored is complete.
 ZARR_CONFIG = {"write_empty_chunks": True}
 
 
@@ -38,14 +46,14 @@ class ActivationStore:
     (float32/float16/bfloat16)."""
 
     def __init__(self, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
-                 path: str | None, arrays: dict | None, tensors: dict | None):
+                 path: str | None, arrays: dict | None, tensors: dict | None, complete: tuple[str, ...] = ()):
         self.nsamples, self.seqlen, self.hidden, self.dtype = nsamples, seqlen, hidden, dtype
         self.slots = tuple(arrays if arrays is not None else tensors)
         self._path = path
         self._arrays = arrays  # slot -> zarr.Array, on disk
         self._tensors = tensors  # slot -> Tensor, in RAM
-        # In RAM only; on disk a sample's chunk file is the record of it being written.
-        self._written = {s: torch.zeros(nsamples, dtype=torch.bool) for s in self.slots} if tensors is not None else None
+        # Samples written by this process, plus every sample of the slots a reopened store found complete.
+        self._written = {s: torch.full((nsamples,), s in complete, dtype=torch.bool) for s in self.slots}
         self.io_seconds = 0.0  # time callers spent blocked on this store: reads not yet prefetched, writes, fsyncs
         self.before_write = None  # called (and its time counted in io_seconds) before every write, see writebehind.py
 
@@ -61,7 +69,7 @@ class ActivationStore:
         if create:
             _clear_for_create(path)
             try:
-                root = zarr.open_group(zarr.storage.LocalStore(path), mode="w-", attributes={
+                root = zarr.open_group(open_local(path), mode="w-", attributes={
                     "format": FORMAT, "version": VERSION, "shape": list(shape), "torch_dtype": name})
                 arrays = {s: root.create_array(
                     s, shape=shape, chunks=(1, seqlen, hidden), dtype=STORED_AS[dtype],
@@ -75,7 +83,7 @@ class ActivationStore:
             return cls(nsamples, seqlen, hidden, dtype, path, arrays, None)
         if not _is_store(path):
             raise StreamqError(f"activation store {path}: not found (cannot resume from it)")
-        root = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+        root = zarr.open_group(open_local(path), mode="r+")
         attrs = root.attrs.asdict()
         if attrs.get("version") != VERSION or attrs.get("shape") != list(shape) or attrs.get("torch_dtype") != name:
             raise StreamqError(f"activation store {path}: holds {attrs.get('shape')} {attrs.get('torch_dtype')} "
@@ -90,7 +98,8 @@ class ActivationStore:
                 raise StreamqError(f"activation store {path}: slot {s} is {arr.shape} {arr.dtype}, "
                                    f"this run needs {shape} {name}")
             arrays[s] = arr.with_config(ZARR_CONFIG)
-        return cls(nsamples, seqlen, hidden, dtype, path, arrays, None)
+        complete = tuple(s for s, arr in arrays.items() if arr.nchunks_initialized == nsamples)
+        return cls(nsamples, seqlen, hidden, dtype, path, arrays, None, complete)
 
     @classmethod
     def in_ram(cls, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
@@ -130,12 +139,10 @@ class ActivationStore:
 
     def _read(self, slot: str, i: int) -> torch.Tensor:
         self._check_index(slot, i)
+        if not self._written[slot][i]:
+            raise StreamqError(f"activation store {self._path or '(RAM)'}: sample {i} of slot {slot} was never written")
         if self._tensors is not None:
-            if not self._written[slot][i]:
-                raise StreamqError(f"activation store (RAM): sample {i} of slot {slot} was never written")
             return self._tensors[slot][i:i + 1].clone()
-        if not os.path.exists(self._chunk_file(slot, i)):
-            raise StreamqError(f"activation store {self._path}: sample {i} of slot {slot} was never written")
         x = torch.from_numpy(self._arrays[slot][i:i + 1])
         return x.view(self.dtype) if self.dtype == torch.bfloat16 else x
 
@@ -152,6 +159,7 @@ class ActivationStore:
             raise StreamqError(f"activation store: sample {i} is {tuple(x.shape)} {x.dtype}, "
                                f"the store holds (1, {self.seqlen}, {self.hidden}) {self.dtype}")
         x = x.detach().to("cpu")
+        self._written[slot][i] = False  # until the new bytes are in
         if self._tensors is not None:
             self._tensors[slot][i:i + 1].copy_(x)
             self._written[slot][i] = True
@@ -162,30 +170,30 @@ class ActivationStore:
             self._arrays[slot][i:i + 1] = x.contiguous().numpy()
         except OSError as e:  # full disk, removed folder
             if e.errno == errno.ENOSPC:  # this slot's remaining samples are what it still needs
-                raise disk_full(self._chunk_file(slot, i), (self.nsamples - i) * self.nbytes_per_sample) from None
+                raise disk_full(self._sample_key(slot, i), (self.nsamples - i) * self.nbytes_per_sample) from None
             raise StreamqError(f"activation store {self._path}: cannot write sample {i} of slot {slot} ({e})") from None
+        self._written[slot][i] = True
 
     def flush(self, slot: str) -> None:
-        """Make ``slot`` durable before a manifest points at it: fsync each chunk file, the metadata and
-        the folders (zarr writes by rename, which a folder fsync makes durable). Raises if a sample was
-        never written, so a manifest cannot point at a partial slot. In RAM only the check runs."""
+        """Make ``slot`` durable before a manifest points at it: one syncfs of the store's filesystem (every
+        chunk file, the renames that put them in place, the metadata), else an fsync of each file and folder.
+        Raises if a sample was never written, so a manifest cannot point at a partial slot. In RAM only the
+        check runs."""
         with self._blocked():
             self._flush(slot)
 
     def _flush(self, slot: str) -> None:
         self._check_slot(slot)
-        missing = [i for i in range(self.nsamples) if not self._has(slot, i)]
+        missing = [i for i in range(self.nsamples) if not self._written[slot][i]]
         if missing:
             where = self._path or "(RAM)"
             raise StreamqError(f"activation store {where}: slot {slot} lacks samples {missing[:8]}"
                                f"{' ...' if len(missing) > 8 else ''} ({len(missing)} of {self.nsamples})")
-        if self._path is None:
+        if self._path is None or sync_filesystem(self._path):
             return
-        slot_dir = os.path.join(self._path, slot)
-        for folder, _, files in os.walk(slot_dir, topdown=False):
+        for folder, _, files in os.walk(os.path.join(self._path, slot), topdown=False):
             for name in files:
-                if not name.endswith(".partial"):  # a write interrupted before its rename
-                    fsync_path(os.path.join(folder, name))
+                fsync_path(os.path.join(folder, name))
             fsync_path(folder)
         fsync_path(os.path.join(self._path, "zarr.json"))
         fsync_path(self._path)
@@ -225,14 +233,9 @@ class ActivationStore:
         finally:
             self.io_seconds += time.perf_counter() - start
 
-    def _has(self, slot: str, i: int) -> bool:
-        if self._tensors is not None:
-            return bool(self._written[slot][i])
-        return os.path.exists(self._chunk_file(slot, i))
-
-    def _chunk_file(self, slot: str, i: int) -> str:
-        # Pinned by chunk_key_encoding "default" with "/" separator: <slot>/c/<sample>/0/0.
-        return os.path.join(self._path, slot, "c", str(i), "0", "0")
+    def _sample_key(self, slot: str, i: int) -> str:
+        """Where sample i of slot is stored, for messages: the store folder / slot / its chunk key."""
+        return os.path.join(self._path, slot, self._arrays[slot].metadata.encode_chunk_key((i, 0, 0)))
 
     def _check_slot(self, slot: str) -> None:
         _check_slot(slot)
@@ -245,6 +248,28 @@ class ActivationStore:
             raise StreamqError("activation store: used after delete()")
         if not 0 <= i < self.nsamples:
             raise StreamqError(f"activation store: sample {i} out of range [0, {self.nsamples})")
+
+
+def open_local(path: str) -> zarr.abc.store.Store:
+    """The zarr store of the folder path (the one place the store is opened; tests wrap it to inject faults)."""
+    return zarr.storage.LocalStore(path)
+
+
+def sync_filesystem(path: str) -> bool:
+    """syncfs(2) the filesystem holding path: everything written there is durable once it returns. False where
+    there is no syncfs (not Linux glibc), so the caller fsyncs file by file."""
+    try:
+        syncfs = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _check_slot(slot: str, allowed: tuple[str, ...] = SLOTS + FP_SLOTS) -> None:
@@ -273,7 +298,7 @@ def _is_store(path: str) -> bool:
     if not os.path.isfile(meta):
         return False
     try:
-        attrs = zarr.open_group(zarr.storage.LocalStore(path), mode="r").attrs.asdict()
+        attrs = zarr.open_group(open_local(path), mode="r").attrs.asdict()
     except Exception:  # any unreadable metadata means "not one of ours"
         return False
     return attrs.get("format") == FORMAT
