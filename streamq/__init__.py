@@ -8,9 +8,9 @@ from streamq.errors import StreamqError  # noqa: E402
 def compress(model, out, method: str = "gptq", preset: str | None = None, should_stop=lambda: False, **kwargs):
     """Compress a Hugging Face model folder into a GPTQ-format folder (SpQR: streamq's SpQR layout).
 
-    kwargs: QuantConfig and RunOptions fields (None = the default); `seed` seeds both the calibration windows
-    and the method. method "spqr" defaults to sym=False (its grids are asymmetric; sym=True is an error);
-    method "autoround" with sym defaults to full_range=True (auto-round's symmetric grid).
+    kwargs: QuantConfig and RunOptions fields (None = the default: the method's own, see streamq.methods); `seed`
+    seeds the calibration windows and, for AutoRound, its minibatch sampler. A field the method does not read
+    raises StreamqError.
     preset: a named recipe of the method (`streamq.config.PRESETS`) whose values fill the fields not given.
     should_stop: polled after each block; when it returns True the run stops there, raising
     `streamq.interrupt.Interrupted` (the folder resumes with the same call).
@@ -47,14 +47,14 @@ BUDGETS = ("max_ram", "max_vram", "max_disk")
 def _configs(method: str, preset: str | None, kwargs: dict):
     """(QuantConfig, RunOptions) from compress()'s keyword arguments."""
     from streamq.config import apply_preset
-    from streamq.pipeline import RunOptions
+    from streamq.options import RunOptions
+
+    from streamq.methods import get_method
 
     kwargs = apply_preset(method, preset, {k: v for k, v in kwargs.items() if v is not None})
-    if method == "spqr":
-        kwargs.setdefault("sym", False)
-    if method == "autoround" and kwargs.get("sym", True):
-        kwargs.setdefault("full_range", True)  # the reference's symmetric grid
     fields = set(QuantConfig.__dataclass_fields__)
+    if get_method(method) is not None and "seed" not in get_method(method).fields:
+        fields.discard("seed")  # then only the calibration windows' seed
     cfg = QuantConfig(method=method, **{k: v for k, v in kwargs.items() if k in fields})
     opts = RunOptions(**{k: v for k, v in kwargs.items() if k not in fields or k == "seed"})
     return cfg, opts

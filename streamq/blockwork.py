@@ -13,9 +13,10 @@ from streamq.config import QuantConfig
 from streamq.fallback import CPU
 from streamq.io.blocks import ModelLayout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
+from streamq.methods import get_method
 from streamq.quant.autoround import autoround_block
 from streamq.quant.block import LayerReport, quantize_block
-from streamq.quant.grid import QuantResult
+from streamq.methods import QuantResult
 
 
 def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
@@ -30,7 +31,7 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
     block = load_block(layout, ckpt, i, device, dtype)
     kwargs = batched_kwargs(kwargs, 1, device)
-    if cfg.method == "autoround":
+    if get_method(cfg.method).solve is None:  # tunes the whole block (AutoRound)
         fp_inputs = None
         if cfg.fp_stream:  # block 0's inputs are the same in both streams: slot holds them
             fp_inputs = slot if i == 0 else store.fp(slot)

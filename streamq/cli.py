@@ -11,6 +11,7 @@ import sys
 
 from streamq.errors import StreamqError
 from streamq.interrupt import Interrupted, stop_on_signals
+from streamq.methods import names
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format (or SpQR) folder")
     c.add_argument("model", help="source model folder (config.json + *.safetensors)")
     c.add_argument("out", help="output folder")
-    c.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround", "spqr"])
+    c.add_argument("--method", default="gptq", choices=names())
     c.add_argument("--preset", default=None, help="a named recipe: autoround light (50 iters, lr 5e-3) | best "
                    "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
                    "act-order, damp 1.0, asym, 128 samples); explicit flags win")
@@ -53,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=None,
                    help="symmetric grid on all 2^bits levels, scale = +-max|w|/2^(bits-1) (auto-round's; the "
                    "default of --method autoround with --sym)")
-    c.add_argument("--act-order", action="store_true", default=None,
-                   help="quantize columns by descending Hessian diagonal")
-    c.add_argument("--static-groups", action="store_true", help="with --act-order: fit group grids up front")
+    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize columns by descending Hessian diagonal (gptq: on by default)")
+    c.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --act-order: fit group grids up front (gptq: on with --act-order)")
     c.add_argument("--damp", type=float, default=None, help="Hessian dampening, fraction of mean diag (0.01)")
-    c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+    c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                    help="collect all Hessians of a block in one pass")
     c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
                    "default: the shipped Jane Austen excerpt")

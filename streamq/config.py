@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from streamq.errors import StreamqError
+from streamq.methods import COMMON, get_method, names
 
-METHODS = ("gptq", "rtn", "autoround", "spqr")
+METHODS = ("gptq", "rtn", "autoround", "spqr")  # the built-in ones; streamq.methods.names() has every registered
 PACKABLE_BITS = (2, 3, 4, 8)
 
 # Named recipes per method: field name -> value. AutoRound's are intel/auto-round's "light" and "best".
@@ -40,6 +42,34 @@ def apply_preset(method: str, preset: str | None, kwargs: dict) -> dict:
     return {**recipes[preset], **kwargs}
 
 
+class _Unset:
+    """A field not given: it takes its method's default (streamq.methods), else NEUTRAL's."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+# The value of each method-specific field for a method that does not read it (and the default of the methods
+# that do, unless their Method.defaults says otherwise). Setting a field a method does not read to anything else
+# is refused.
+NEUTRAL = {
+    "sym": True, "full_range": False, "act_order": False, "static_groups": False, "damp": 0.01,
+    "block_columns": 128, "true_sequential": True, "iters": 200, "lr": None, "minmax_tuning": True,
+    "batch_size": 8, "grad_accum": 1, "seed": 0, "fp_targets": True, "qq_scale_bits": None,
+    "qq_zero_bits": None, "qq_groupsize": 16, "outlier_threshold": math.inf, "simplified_outliers": False,
+}
+# CLI spellings where the flag is not --field-name (booleans whose flag turns the default off)
+FLAGS = {"true_sequential": "--no-true-sequential", "minmax_tuning": "--no-minmax-tuning",
+         "fp_targets": "--no-fp-targets"}
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a QuantConfig field."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How each Linear of a decoder block is quantized.
@@ -51,6 +81,11 @@ class QuantConfig:
     symmetric grid of auto-round and llama.cpp, scale = +-max|w| / 2^(bits-1) signed so the larger side lands
     on code 0, using all 2^bits levels (the GPTQ grid, scale = 2 max|w| / (2^bits - 1), leaves one unused);
     AutoRound's default, as in the reference.
+
+    Each method reads COMMON plus the fields its streamq.methods entry declares; a field left unset takes the
+    method's default (GPTQ: act_order and static_groups on; SpQR: sym off; AutoRound: full_range = sym), else
+    NEUTRAL's. A field the method does not read, set to anything but its NEUTRAL value, is an error naming the
+    flag and the method.
 
     AutoRound only: iters: signed-gradient steps per block (0 = plain RTN); lr: step size of the rounding
     offsets and min/max factors, None = 1/iters (decays linearly to 0); minmax_tuning: also tune the per-group
@@ -70,29 +105,31 @@ class QuantConfig:
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
-    full_range: bool = False
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    block_columns: int = 128
-    true_sequential: bool = True
-    iters: int = 200
-    lr: float | None = None
-    minmax_tuning: bool = True
-    batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    fp_targets: bool = True
-    qq_scale_bits: int | None = None
-    qq_zero_bits: int | None = None
-    qq_groupsize: int = 16
-    outlier_threshold: float = math.inf
-    simplified_outliers: bool = False
+    sym: bool = UNSET
+    full_range: bool = UNSET
+    act_order: bool = UNSET
+    static_groups: bool = UNSET
+    damp: float = UNSET
+    block_columns: int = UNSET
+    true_sequential: bool = UNSET
+    iters: int = UNSET
+    lr: float | None = UNSET
+    minmax_tuning: bool = UNSET
+    batch_size: int = UNSET
+    grad_accum: int = UNSET
+    seed: int = UNSET
+    fp_targets: bool = UNSET
+    qq_scale_bits: int | None = UNSET
+    qq_zero_bits: int | None = UNSET
+    qq_groupsize: int = UNSET
+    outlier_threshold: float = UNSET
+    simplified_outliers: bool = UNSET
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise StreamqError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        method = get_method(self.method)
+        if method is None:
+            raise StreamqError(f"--method {self.method!r}: choose one of {', '.join(names())}")
+        self._resolve_defaults(method)
         if self.bits not in PACKABLE_BITS:
             raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} bits")
         if self.group_size != -1 and self.group_size < 1:
@@ -115,33 +152,24 @@ class QuantConfig:
             raise StreamqError(f"--grad-accum {self.grad_accum}: must be positive")
         if self.seed < 0:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
-        if self.method != "autoround" and not self.fp_targets:
-            raise StreamqError("--no-fp-targets is an AutoRound option (the other methods have no targets)")
-        if self.method == "autoround" and self.act_order:
-            raise StreamqError("--act-order is a GPTQ option; AutoRound keeps the columns in order")
-        if self.method == "spqr":
-            self._check_spqr()
+        if method.check is not None:
+            method.check(self)
 
-    def _check_spqr(self) -> None:
-        if self.sym:
-            raise StreamqError("--method spqr: SpQR's grids are asymmetric min-max grids with zero points; "
-                               "drop --sym (SpQR uses --asym by default)")
-        if self.static_groups:
-            raise StreamqError("--static-groups is a GPTQ option; SpQR fits each group when it is reached")
-        if (self.qq_scale_bits is None) != (self.qq_zero_bits is None):
-            raise StreamqError("--qq-scale-bits and --qq-zero-bits: set both (second-level quantization) or neither")
-        for name in ("qq_scale_bits", "qq_zero_bits"):
-            value = getattr(self, name)
-            if value is not None and value not in PACKABLE_BITS:
-                choices = ", ".join(map(str, PACKABLE_BITS))
-                raise StreamqError(f"--{name.replace('_', '-')} {value}: use one of {choices}")
-        if self.qq_groupsize < 1:
-            raise StreamqError(f"--qq-groupsize {self.qq_groupsize}: must be a positive number of output rows")
-        if not self.outlier_threshold > 0:  # also rejects nan
-            raise StreamqError(f"--outlier-threshold {self.outlier_threshold}: must be positive (inf = no outliers)")
-        if self.group_size == 1 and math.isfinite(self.outlier_threshold) and not self.simplified_outliers:
-            raise StreamqError("--group-size 1 leaves no other weight to fit a leave-one-out grid on; "
-                               "use --simplified-outliers")
+    def _resolve_defaults(self, method) -> None:
+        """Fill unset fields with the method's defaults (else NEUTRAL's); refuse fields the method does not read
+        that are set away from NEUTRAL."""
+        given = {f: getattr(self, f) for f in NEUTRAL if getattr(self, f) is not UNSET}
+        for name, value in given.items():
+            if name not in method.fields and name not in COMMON and value != NEUTRAL[name]:
+                readers = [m for m in names() if name in get_method(m).fields]
+                raise StreamqError(f"{flag(name)} ({name}={value!r}) is not read by --method {self.method} "
+                                   f"(it is an option of {', '.join(readers) or 'no method'}); drop it")
+        resolved = {**NEUTRAL, **given}
+        for name, default in method.defaults.items():  # in declaration order: a callable sees those before it
+            if name not in given:
+                resolved[name] = default(resolved) if callable(default) else default
+        for name in NEUTRAL:
+            object.__setattr__(self, name, resolved[name])
 
     @property
     def fp_stream(self) -> bool:
@@ -165,3 +193,4 @@ class QuantConfig:
     def from_dict(cls, d: dict) -> QuantConfig:
         """Inverse of to_dict (validated like any config)."""
         return cls(**{**d, "outlier_threshold": float(d.get("outlier_threshold", math.inf))})
+

@@ -21,6 +21,7 @@ import time
 import torch
 
 from streamq.config import QuantConfig
+from streamq.methods import get_method
 
 
 def _best_of(fn, device: torch.device, repeats: int = 2) -> float:
@@ -67,9 +68,10 @@ def block_seconds(b: dict, facts: dict, cfg: QuantConfig, tokens: int, seqlen: i
     lin = b["linears"]
     P = sum(o * i for o, i in lin.values())
     forward = (2 * tokens * P + 2 * tokens * seqlen * facts["hidden"]) / R
-    if cfg.method == "rtn":
+    model = get_method(cfg.method).estimate  # the time model the method is planned as
+    if model == "rtn":
         return 50 * P / R32
-    if cfg.method == "autoround":
+    if model == "autoround":
         step_tokens = min(cfg.batch_size * cfg.grad_accum, tokens // seqlen) * seqlen
         step = 3 * (2 * step_tokens * P) / R + 30 * P / R32
         return 2 * forward + cfg.iters * step
@@ -77,7 +79,7 @@ def block_seconds(b: dict, facts: dict, cfg: QuantConfig, tokens: int, seqlen: i
     for group in b["groups"]:
         done += sum(lin[n][0] * lin[n][1] for n in group)
         passes += done / P
-    col_s = m["col_s"] * (2 if cfg.method == "spqr" else 1)
+    col_s = m["col_s"] * (2 if model == "spqr" else 1)
     weight_ops = 0.0
     for out, inp in lin.values():
         weight_ops += 2 * tokens * inp * inp / R32

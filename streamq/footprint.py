@@ -49,7 +49,9 @@ from streamq.config import QuantConfig
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import ShardWriter, plan_shards
-from streamq.pipeline import TOKENIZER_FILES, RunOptions, plan_units
+from streamq.methods import get_method
+from streamq.options import TOKENIZER_FILES, RunOptions
+from streamq.pipeline import plan_units
 
 RUN_OVERHEAD = 64 << 20  # added after planning: tokenizer, calibration, zarr, tqdm (measured 30 MB); heap noise
 PREFETCH = 3  # disk store samples in memory at once: the one in use, the one being read, its copy
@@ -105,7 +107,7 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,
         "pending_bytes": max((u.nbytes for k, u in writer.units.items() if k.startswith("block.")), default=0),
-        "samples_per_forward": min(cfg.batch_size, opts.nsamples) if cfg.method == "autoround" else 1,
+        "samples_per_forward": min(cfg.batch_size, opts.nsamples) if get_method(cfg.method).footprint == "autoround" else 1,
     }
 
 

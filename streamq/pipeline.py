@@ -5,7 +5,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,44 +28,11 @@ from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
+from streamq.methods import get_method
+from streamq.options import DEFAULT_CALIB, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.progress import BlockProgress
+from streamq.tokenizer import load_tokenizer
 from streamq.quant.grid import check_group_size
-
-MANIFEST = "streamq_manifest.json"
-REPORT = "streamq_report.json"
-WORK_DIR = ".streamq-work"
-DEFAULT_CALIB = Path(__file__).parent / "data" / "calib.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
-GB = 1 << 30
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything about a run except the method. Units: shard_size in bytes; seqlen in tokens."""
-
-    calib: str | None = None  # path or spec string; None = the shipped calibration text
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # compute dtype: auto = float32 on CPU, the checkpoint's 16-bit dtype on GPU
-    offload: str = "disk"  # where block inputs live: disk (zarr) | ram
-    shard_size: int = 5 * 10**9
-    resume: str = "auto"  # auto: continue a matching run | restart: discard it | never: refuse a used folder
-    keep_activations: bool = False
-    progress: bool = True
-    cpu_blocks: tuple[int, ...] = ()  # blocks run on the CPU whatever the device (planned from --max-vram)
-
-    def __post_init__(self):
-        if self.offload not in ("disk", "ram"):
-            raise StreamqError(f"--offload {self.offload!r}: choose disk or ram")
-        if self.nsamples < 1 or self.seqlen < 1:
-            raise StreamqError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: both must be positive")
-        if self.shard_size < 1:
-            raise StreamqError(f"--shard-size {self.shard_size}: must be positive")
-        if self.resume not in ("auto", "restart", "never"):
-            raise StreamqError(f"resume mode {self.resume!r}: choose auto, restart or never")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -232,7 +199,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     dtype = resolve_dtype(opts.dtype, device, ckpt)
 
     tokens = None  # 2
-    if cfg.method != "rtn":
+    if get_method(cfg.method).calibrated:
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
 
@@ -303,15 +270,6 @@ def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors
     """Write block i's tensors into their shard, then the manifest that records it (data first)."""
     manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", tensors)
     write_json_atomic(out / MANIFEST, manifest)
-
-
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise StreamqError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:

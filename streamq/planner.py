@@ -19,10 +19,12 @@ import psutil
 
 from streamq import footprint
 from streamq.config import QuantConfig
+from streamq.methods import get_method
 from streamq.errors import StreamqError
 from streamq.io.blocks import build_layout
 from streamq.io.checkpoint import Checkpoint
-from streamq.pipeline import MANIFEST, RunOptions, resolve_device, resolve_dtype
+from streamq.options import MANIFEST, RunOptions
+from streamq.pipeline import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -88,19 +90,20 @@ def make_plan(model, cfg: QuantConfig, opts: RunOptions, max_ram: int | None = N
     dtype = resolve_dtype(opts.dtype, device, ckpt)
     f = footprint.facts(layout, ckpt, cfg, dtype, opts)
     baseline = psutil.Process().memory_info().rss
-    if cfg.method == "rtn":
+    method = get_method(cfg.method)
+    if not method.calibrated:
         choices = ["none"]
     elif fixed_offload:
         choices = [opts.offload]
     else:
         choices = ["ram", "disk"] if max_ram is not None else ["disk", "ram"]
-    tried = {off: footprint.predict(f, cfg.method, opts.seqlen, device, off, baseline, max_vram) for off in choices}
+    tried = {off: footprint.predict(f, method.footprint, opts.seqlen, device, off, baseline, max_vram) for off in choices}
     fits = [off for off, p in tried.items() if _fits(p, max_ram, max_disk)]
     if not fits:
         raise StreamqError(_refusal(tried, max_ram, max_disk))
     offload = fits[0]
     if len(choices) == 1:
-        reason = "RTN reads no activations" if offload == "none" else "--offload as given"
+        reason = f"{cfg.method} reads no activations" if offload == "none" else "--offload as given"
     elif offload == choices[0]:
         reason = "fits --max-ram next to the block" if offload == "ram" else "the default, within the budgets"
     else:
@@ -109,7 +112,7 @@ def make_plan(model, cfg: QuantConfig, opts: RunOptions, max_ram: int | None = N
     blocks = []
     for i, (b, (peak, on)) in enumerate(zip(f["blocks"], p["blocks"])):
         name, (out, inp) = max(b["linears"].items(), key=lambda kv: (kv[1][1], kv[1][0]))
-        held = 0 if cfg.method in ("rtn", "autoround") else max(
+        held = 0 if method.footprint in ("rtn", "autoround") else max(
             sum(b["linears"][n][1] ** 2 * 4 for n in g) for g in b["groups"])
         blocks.append(BlockPlan(i, b["weight_bytes"], name, (out, inp), inp * inp * 4, held, peak, on))
     estimate, basis = None, ""

@@ -14,7 +14,7 @@ from streamq.errors import StreamqError
 from streamq.io.checkpoint import read_header
 from streamq.io.manifest import read_json
 from streamq.io.writer import file_digest
-from streamq.pipeline import MANIFEST
+from streamq.options import MANIFEST
 
 INDEX = "model.safetensors.index.json"
 

@@ -11,9 +11,10 @@ import torch
 from streamq.calib import data
 from streamq.calib.data import CalibSource, calibration_windows, eval_windows, load_texts, parse_calib_spec, token_hash
 from streamq.errors import StreamqError
+from streamq.options import DEFAULT_CALIB
 from tests.tokenizer_fixtures import PARAGRAPHS, build_tiny_tokenizer, tiny_tokenizer  # noqa: F401
 
-AUSTEN = Path(data.__file__).parent.parent / "data" / "calib.txt"  # the shipped text (streamq/data/)
+AUSTEN = DEFAULT_CALIB  # the shipped text (streamq/data/calib.txt)
 TEXT = "\n".join(PARAGRAPHS * 6)
 
 

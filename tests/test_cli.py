@@ -72,7 +72,11 @@ def test_compress_and_eval_and_generate(model, tmp_path, capsys):
     (["--group-size", "48"], ["48", "model.layers.0"]),
     (["--nsamples", "0"], ["--nsamples 0"]),
     (["--damp", "2"], ["--damp"]),
-    (["--static-groups"], ["--static-groups"]),
+    (["--no-act-order", "--static-groups"], ["--static-groups"]),
+    (["--iters", "5"], ["--iters", "--method gptq", "autoround"]),  # another method's flag: refused, not dropped
+    (["--outlier-threshold", "0.2"], ["--outlier-threshold", "--method gptq", "spqr"]),
+    (["--method", "rtn", "--act-order"], ["--act-order", "--method rtn"]),
+    (["--method", "autoround", "--act-order"], ["--act-order", "--method autoround"]),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["--device"]),
     (["--shard-size", "lots"], ["lots"]),
 ])

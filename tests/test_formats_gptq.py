@@ -6,7 +6,7 @@ import torch
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
 from streamq.formats.gptq import dequantize_gptq, pack_bits, pack_gptq, packed_shapes, unpack_bits, unpack_gptq
-from streamq.quant.grid import QuantResult
+from streamq.methods import QuantResult
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.rtn import rtn_quantize
 

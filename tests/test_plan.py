@@ -13,7 +13,7 @@ from streamq import footprint
 from streamq.cli import main, parse_size
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.pipeline import TOKENIZER_FILES, RunOptions
+from streamq.options import TOKENIZER_FILES, RunOptions
 from streamq.planner import apply_plan, make_plan
 from tests.conftest import make_tiny_model
 

@@ -59,7 +59,7 @@ def test_reduces_to_gptq_without_outliers_and_second_level(act_order):
     for group_size in (16, 32, -1):
         cfg = spqr(bits=4, group_size=group_size, act_order=act_order, damp=0.05, block_columns=32)
         r = spqr_quantize(W, H, cfg)
-        g = gptq_quantize(W, H, QuantConfig(bits=4, group_size=group_size, sym=False, act_order=act_order,
+        g = gptq_quantize(W, H, QuantConfig(bits=4, group_size=group_size, sym=False, act_order=act_order, static_groups=False,
                                             damp=0.05, block_columns=32))
         assert torch.equal(r.codes[:, torch.argsort(r.perm)], g.result.codes)
         assert torch.equal(r.scale, g.result.scales) and torch.equal(r.zero.to(torch.uint8), g.result.zeros)
@@ -178,7 +178,12 @@ def test_config_validation_and_preset():
                        (dict(act_order=True, static_groups=True), "static-groups"), (dict(damp=1.5), "damp")]:
         with pytest.raises(StreamqError, match=match):
             spqr(**bad)
-    assert QuantConfig().outlier_threshold == math.inf  # other methods are unaffected by the SpQR defaults
+    assert QuantConfig(method="spqr").sym is False  # SpQR's own default, set by its method entry
+    for other in ("gptq", "rtn", "autoround"):  # SpQR's flags given to another method are refused, not dropped
+        with pytest.raises(StreamqError, match=f"--outlier-threshold .*--method {other}"):
+            QuantConfig(method=other, outlier_threshold=0.2)
+        with pytest.raises(StreamqError, match=f"--qq-scale-bits .*--method {other}"):
+            QuantConfig(method=other, qq_scale_bits=3, qq_zero_bits=3)
 
 
 def test_quantize_linear_dispatches_to_spqr():

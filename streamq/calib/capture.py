@@ -12,6 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
+from streamq.forward import batched_kwargs, run_block  # noqa: F401 (moved to forward.py; re-exported)
 from streamq.io.blocks import ModelLayout, materialize
 from streamq.io.checkpoint import Checkpoint
 
@@ -81,23 +82,3 @@ class ModelEnds:
     def release(self) -> None:
         with _blocks_replaced(self.layout, nn.Identity()):
             self.module.to("meta")
-
-
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder block forward: hidden [1, seq, hidden] -> [1, seq, hidden] (tuple outputs unwrapped)."""
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def batched_kwargs(kwargs: dict, n: int, device: torch.device) -> dict:
-    """kwargs captured for one sample -> on device, for n samples (n=1: just moved). Tensors of 2+ dims with
-    leading dim 1 (position ids and embeddings, [1, 1, seq, seq] masks) are expanded as views: the samples
-    share positions and mask, so this is the per-sample forward computed as one batch."""
-    def expand(v):
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            return v.expand(n, *v.shape[1:]) if v.dim() >= 2 and v.shape[0] == 1 else v
-        if isinstance(v, tuple):
-            return tuple(expand(x) for x in v)
-        return v
-    return {k: expand(v) for k, v in kwargs.items()}

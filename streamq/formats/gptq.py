@@ -24,7 +24,7 @@ from torch import Tensor
 
 from streamq.config import PACKABLE_BITS
 from streamq.errors import StreamqError
-from streamq.quant.grid import QuantResult
+from streamq.methods import QuantResult
 
 _WORD = 32
 

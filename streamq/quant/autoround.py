@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from streamq.calib.capture import batched_kwargs
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import QuantResult, check_group_size, fp16_scale, full_range_scale, grid_range
+from streamq.forward import batched_kwargs
+from streamq.methods import QuantResult
+from streamq.quant.grid import check_group_size, fp16_scale, full_range_scale, grid_range
 
 Batch = Callable[[list[int]], Tensor]  # sample indices -> [len(idx), seq, hidden]
 

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from streamq.calib.capture import run_block
 from streamq.config import QuantConfig
-from streamq.quant.gptq import gptq_quantize
-from streamq.quant.grid import QuantResult
+from streamq.forward import run_block
+from streamq.methods import QuantResult, get_method
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
-from streamq.quant.rtn import rtn_quantize
-from streamq.quant.spqr import SpQRResult, spqr_quantize
+from streamq.quant.spqr import SpQRResult
 
 Samples = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the block's inputs, each [1, seq, hidden]
 
@@ -96,16 +94,10 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
     W = linear.weight.detach().float() if H is None else linear.weight.detach().to(H.device, torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if cfg.method == "rtn":
-            result, loss, damp = rtn_quantize(W, cfg), 0.0, 0.0
+        result, loss, damp = get_method(cfg.method).solve(W, H, cfg)  # the method's solver (streamq.methods)
+        if H is None:  # data-free
             error = ((W - result.weight).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30)).item()
-        elif cfg.method == "spqr":
-            result = spqr_quantize(W, H, cfg)
-            loss, damp = result.loss, result.damp
-            error = relative_output_error(W, result.weight, H)
         else:
-            out = gptq_quantize(W, H, cfg)
-            result, loss, damp = out.result, out.loss, out.damp
             error = relative_output_error(W, result.weight, H)
     linear.weight.data = result.weight.to(linear.weight.device, linear.weight.dtype)
     note = "; ".join(str(w.message) for w in caught)
@@ -121,7 +113,7 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
     hessian_device: where the Hessians are accumulated and each layer solved (default: device); the CPU
     when the block's forward fits the GPU but the Hessian work does not."""
     modules = dict(block.named_modules())
-    if cfg.method == "rtn":  # data-free: no Hessians, no passes
+    if not get_method(cfg.method).calibrated:  # data-free (RTN): no Hessians, no passes
         return {n: quantize_linear(m, None, cfg) for n, m in modules.items() if isinstance(m, nn.Linear)}
     first = next(iter(samples())).to(device)
     groups = linear_groups(block, first, kwargs)

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import QuantResult, dequantize, fit_grid, quantize_codes
+from streamq.methods import QuantResult
+from streamq.quant.grid import dequantize, fit_grid, quantize_codes
 
 
 class GPTQResult(NamedTuple):

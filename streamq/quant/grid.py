@@ -7,8 +7,6 @@ with two deliberate differences, both so the packed checkpoint reproduces our we
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
@@ -18,19 +16,6 @@ from streamq.errors import StreamqError
 _FP16_TINY = 2.0**-14
 # Largest finite fp16; larger scales would become inf in the checkpoint.
 _FP16_MAX = 65504.0
-
-
-class QuantResult(NamedTuple):
-    """One quantized Linear, in the layout every packer reads.
-
-    Invariant: weight[r, c] == scales[g_idx[c], r] * (codes[r, c] - zeros[g_idx[c], r]) exactly in fp32.
-    """
-
-    weight: Tensor  # [out, in] fp32 fake-quantized (dequantized) weight
-    codes: Tensor  # [out, in] uint8 codes in [0, maxq], original column order
-    scales: Tensor  # [n_groups, out] fp32 (fp16-representable)
-    zeros: Tensor  # [n_groups, out] uint8 integer zero points
-    g_idx: Tensor  # [in] int32 group of each input column
 
 
 def grid_range(xmin: Tensor, xmax: Tensor, sym: bool) -> tuple[Tensor, Tensor]:

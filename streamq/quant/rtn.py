@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from streamq.config import QuantConfig
-from streamq.quant.grid import QuantResult, dequantize, fit_grid, quantize_codes
+from streamq.methods import QuantResult
+from streamq.quant.grid import dequantize, fit_grid, quantize_codes
 
 
 def rtn_quantize(W: Tensor, cfg: QuantConfig) -> QuantResult:
