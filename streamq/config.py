@@ -9,7 +9,6 @@ from typing import Any
 from streamq.errors import StreamqError
 from streamq.methods import COMMON, get_method, names
 
-METHODS = ("gptq", "rtn", "autoround", "spqr")  # the built-in ones; streamq.methods.names() has every registered
 PACKABLE_BITS = (2, 3, 4, 8)
 
 # Named recipes per method: field name -> value. AutoRound's are intel/auto-round's "light" and "best".

@@ -84,8 +84,8 @@ def test_output_folder_layout(tmp_path):
                            seqlen=32, shard_size=50_000, progress=False)
     config = json.loads((out / "config.json").read_text())
     q = config["quantization_config"]
-    assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"], q["checkpoint_format"]) == \
-        ("gptq", 8, -1, False, True, "gptq")
+    assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["static_groups"], q["sym"],
+            q["checkpoint_format"]) == ("gptq", 8, -1, True, True, True, "gptq")  # GPTQ's defaults: act-order, static
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = read_all(out)
     assert set(index["weight_map"]) == set(tensors)
