@@ -14,7 +14,8 @@ from streamq.calib.data import eval_windows
 from streamq.calib.store import ActivationStore
 from streamq.io.blocks import build_layout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
-from streamq.pipeline import load_tokenizer, resolve_device, resolve_dtype
+from streamq.device import resolve_device, resolve_dtype
+from streamq.pipeline import load_tokenizer
 
 
 @torch.no_grad()

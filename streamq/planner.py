@@ -22,7 +22,8 @@ from streamq.config import QuantConfig
 from streamq.errors import StreamqError
 from streamq.io.blocks import build_layout
 from streamq.io.checkpoint import Checkpoint
-from streamq.pipeline import MANIFEST, RunOptions, resolve_device, resolve_dtype
+from streamq.device import resolve_device, resolve_dtype
+from streamq.pipeline import MANIFEST, RunOptions
 
 
 @dataclass(frozen=True)

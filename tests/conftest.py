@@ -84,6 +84,26 @@ def make_tiny_model(folder: Path, arch: str = "llama", n_layers: int = 2, shards
     return folder
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests are skipped where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a gpu-marked test; tools/gpu_check.py runs them on a GPU)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_gpu_test(request, monkeypatch):
+    """Tests compute on the CPU, in the dtype they ask for, even on a GPU machine: --device auto means the CPU
+    except in `gpu`-marked tests (whose references are built for the GPU's dtypes)."""
+    if request.node.get_closest_marker("gpu") is None:
+        import streamq.device
+
+        monkeypatch.setattr(streamq.device, "auto_device", lambda: torch.device("cpu"))
+
+
 @pytest.fixture
 def tiny_llama(tmp_path) -> Path:
     return make_tiny_model(tmp_path / "llama", "llama", n_layers=2, shards=2)
