@@ -10,7 +10,7 @@ from torch import nn
 from streamq.calib.capture import batched_kwargs, run_block
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
-from streamq.device import cast_floats, to_device_ahead
+from streamq.device import cast_floats, check_finite, to_device_ahead
 from streamq.fallback import CPU
 from streamq.io.blocks import ModelLayout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
@@ -40,13 +40,13 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     samples = (lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))) if store else None
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
     if store is not None:
-        propagate(block, store, slot, store.other(slot), kwargs, device)
+        propagate(block, store, slot, store.other(slot), kwargs, device, what=f"block {i + 1}/{layout.n_blocks}")
     return results
 
 
 @torch.no_grad()
 def propagate(block: nn.Module, store: ActivationStore, source: str, dest: str, kwargs: dict, device: torch.device,
-              targets: str | None = None) -> float | None:
+              targets: str | None = None, what: str = "block") -> float | None:
     """Run block over the samples in slot `source`, writing its outputs into slot `dest`.
 
     targets: a slot of reference outputs (it may be dest: each sample is read before it is overwritten); return
@@ -56,6 +56,7 @@ def propagate(block: nn.Module, store: ActivationStore, source: str, dest: str, 
     dtype = next(block.parameters()).dtype
     for j, x in to_device_ahead(store.iter_samples(source), device, dtype, store):
         y = run_block(block, x, kwargs).to(store.dtype)
+        check_finite(y, f"{what} outputs (sample {j})")
         if targets is not None:
             t = store.read(targets, j).to(y.device, torch.float32)
             sse += (y.float() - t).pow(2).sum().item()

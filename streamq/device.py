@@ -114,3 +114,11 @@ def cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
             return tuple(cast(x) for x in v)
         return v
     return {k: cast(v) for k, v in kwargs.items()}
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """A one-line StreamqError when x holds inf/nan (16-bit overflow, never passed on silently as NaN)."""
+    if not bool(torch.isfinite(x).all()):
+        hint = ("; float16 overflows past 65504: use --dtype bfloat16 or float32" if x.dtype == torch.float16
+                else "")
+        raise StreamqError(f"{what}: non-finite values in {str(x.dtype).removeprefix('torch.')}{hint}")
