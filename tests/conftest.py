@@ -102,6 +102,9 @@ def cpu_unless_gpu_test(request, monkeypatch):
         import streamq.device
 
         monkeypatch.setattr(streamq.device, "auto_device", lambda: torch.device("cpu"))
+    # CPU code paths as a CPU user runs them: Triton's interpreter only where a kernel test asks for it (its
+    # `device` fixture sets TRITON_INTERPRET=1 again); Triton itself was imported in interpreter mode above.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture
