@@ -55,7 +55,7 @@ def gptq_linear(x: Tensor, tensors: dict[str, Tensor], bits: int, config: tuple[
     rows = rows.contiguous()
     block_n, block_k, warps = config or CONFIG
     gs = in_features // tensors["scales"].shape[0]
-    block_k = min(block_k, gs)
+    block_k = _tile_k(gs, block_k)
     n_tiles = -(-out_features // block_n)
     if split_k is None:  # enough programs to fill a large GPU at batch 1 (~2 per SM of 132), slices >= 4 tiles
         split_k = max(1, min(264 // n_tiles, in_features // (4 * block_k)))
@@ -81,12 +81,21 @@ def gptq_dequantize(tensors: dict[str, Tensor], bits: int, dtype: torch.dtype = 
     in_features = tensors["g_idx"].numel()
     block_n, block_k, warps = config or CONFIG
     gs = in_features // n_groups
-    block_k = min(block_k, gs)
+    block_k = _tile_k(gs, block_k)
     W = torch.empty(out_features, in_features, dtype=dtype, device=tensors["qweight"].device)
     _kernels().dequant_kernel[(in_features // block_k, -(-out_features // block_n))](
         tensors["qweight"], tensors["qzeros"], tensors["scales"], W, out_features, in_features, BITS=bits, GS=gs,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return W
+
+
+def _tile_k(gs: int, want: int) -> int:
+    """The largest power of two <= want that divides the group width gs (>= 16 when 16 divides gs): a K tile
+    never straddles two groups."""
+    k = want
+    while gs % k:
+        k //= 2
+    return k
 
 
 def _kernels():

@@ -114,3 +114,15 @@ def test_compiled_kernels_at_model_width():
         ref = x.float() @ W.T
         y = kernels.gptq_linear(x, t, 4)
         torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@needs_triton
+def test_groups_not_a_power_of_two_take_smaller_tiles(device):
+    """Groups of 48: K tiles of 16 (tl.arange needs powers of two; a tile never straddles two groups)."""
+    t = pack_gptq(random_result(64, 192, 4, 48, False, seed=9), 4)
+    W = dequantize_gptq(t, 4)
+    t = to(t, device)
+    assert kernels.kernel_fits(4, 192, 64, 4, t["g_idx"])
+    x = torch.randn(2, 192)
+    torch.testing.assert_close(kernels.gptq_linear(x.to(device), t, 4).cpu(), x @ W.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernels.gptq_dequantize(t, 4).cpu(), W)
