@@ -11,10 +11,10 @@ gpu_check.md to --out (default $OUT, else ./gpu_check_out).
 Sections 3 and 4 run `streamq.compress` in a child process (its ru_maxrss is the peak RSS). A section that fails
 records its error and the next one runs; one that would start past --budget-s is recorded as skipped.
 
-On the GPU machine (zarr and its needs travel as wheels, see the device README; the rest is in its image):
+zarr and its needs travel as wheels (the rest is in the GPU image): `sh tools/gpu_wheels.sh` here fetches them
+into .whl/ (~10 MB); then one device run, carrying ".whl", timeout 600:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . ; python3 tools/gpu_check.py
-Wheels to carry (fetched here): zarr, numcodecs, donfig, google-crc32c (and pyyaml/typing-extensions if absent).
+    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py     # installs this checkout (-e, offline) if it is not
 
 --cpu-smoke runs every section at toy sizes on the CPU in seconds (the torch references stand in for the
 kernels), so the script itself is tested (tests/test_gpu_check.py).
@@ -64,6 +64,10 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA GPU visible (use --cpu-smoke to test the script on the CPU)", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    problem = ensure_streamq()
+    if problem:
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2
     sizes = {**(SMOKE if smoke else FULL), "deadline": start + args.budget_s + 60}
     device = "cpu" if smoke else "cuda"
     report = {"mode": "cpu-smoke" if smoke else "gpu", "device": _device_name(device), "torch": torch.__version__,
@@ -86,6 +90,23 @@ def main(argv=None) -> int:
     report["total_seconds"] = round(time.perf_counter() - start, 2)
     _write(args.out, report)
     return 0
+
+
+def ensure_streamq() -> str | None:
+    """Install this checkout (editable, no dependencies, offline) when streamq.kernels is not importable: the
+    child processes and pytest import streamq as installed. Returns what is still missing, or None."""
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        return "zarr is not installed: carry its wheels (see this script's docstring)"
+    try:
+        import streamq.kernels  # noqa: F401
+        return None
+    except ImportError:
+        pass
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                        "--no-build-isolation", "-e", str(ROOT)], capture_output=True, text=True)
+    return None if r.returncode == 0 else f"pip install -e {ROOT} failed: {_last_line(r.stderr)}"
 
 
 def run_tests(sizes, device, tmp: Path, smoke: bool) -> dict:
