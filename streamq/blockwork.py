@@ -37,7 +37,9 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
             fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
                               chunk=max(1, cfg.batch_size // 2) if lean else None)
-    samples = (lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))) if store else None
+    samples = None
+    if store is not None:
+        samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
     if store is not None:
         propagate(block, store, slot, store.other(slot), kwargs, device, what=f"block {i + 1}/{layout.n_blocks}")

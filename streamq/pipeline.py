@@ -17,7 +17,7 @@ from streamq.calib.capture import ModelEnds
 from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
-from streamq.device import peak_vram, reset_peak_vram, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from streamq.device import peak_vram, reset_peak_vram, resolve_device, resolve_dtype
 from streamq.errors import OtherRunError, StreamqError
 from streamq.fallback import CPU, attempt_dtype, with_fallback
 from streamq.formats import spqr as spqr_format

@@ -76,7 +76,7 @@ class QuantLinear(UnpackedCache):
 class SpQRLinear(UnpackedCache):
     """y = x @ W^T + b with W [out, in] rebuilt from one Linear's SpQR tensors (see formats/spqr.py); where the
     Triton kernels run, a single token (x with in_features elements) takes the fused dequant-matvec instead of
-    materializing W.
+    materializing W, and more tokens a W dequantized in x's dtype.
 
     The outlier buffers start empty: loading a state dict resizes them to the checkpoint's (data-dependent) sizes.
     """

@@ -56,9 +56,9 @@ def same_values_checkpoints(root) -> dict[str, object]:
     return folders
 
 
-def run(src, out, method: str, dtype: str):
+def run(src, out, method: str, dtype: str, device: str = "cpu"):
     kw = dict(method=method, group_size=16, nsamples=4, seqlen=32, calib=str(src / "calib.txt"), progress=False,
-              device="cpu", dtype=dtype)
+              device=device, dtype=dtype)
     if method == "autoround":
         kw.update(iters=10, batch_size=4)
     return streamq.compress(src, out, **kw)
@@ -100,8 +100,19 @@ def reference(models, tmp_path_factory):
 @pytest.mark.parametrize("stored", STORED)
 @pytest.mark.parametrize("method", METHODS)
 def test_16bit_compute_matches_fp32(models, reference, tmp_path, method, stored, compute):
+    check_against_fp32(models, reference, tmp_path, method, stored, compute, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_16bit_run_matches_the_cpu_fp32_run(models, reference, tmp_path, method):
+    """On the GPU with --dtype auto (bf16 for this fp32 checkpoint on GPUs that have it), same tolerances."""
+    check_against_fp32(models, reference, tmp_path, method, "float32", "auto", "cuda")
+
+
+def check_against_fp32(models, reference, tmp_path, method, stored, compute, device):
     ref_errors, ref_weights, source = reference(method)
-    errors, weights = quantized(run(models[stored], tmp_path / "out", method, compute))
+    errors, weights = quantized(run(models[stored], tmp_path / "out", method, compute, device))
     assert weights.keys() == ref_weights.keys() and len(weights) == 7
     for name, q in weights.items():
         q32, w = ref_weights[name], source[name].float()
