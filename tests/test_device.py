@@ -36,9 +36,10 @@ def test_auto_dtype_on_the_cpu_and_explicit_names():
         dev.resolve_dtype("half", dev.CPU, Ckpt("float32"))
 
 
-def test_tests_compute_on_the_cpu():
+def test_tests_compute_on_the_cpu(monkeypatch):
     """conftest pins --device auto to the CPU outside gpu-marked tests (a GPU machine would otherwise compare
-    CUDA 16-bit runs with fp32 CPU references)."""
+    CUDA 16-bit runs with fp32 CPU references): even where torch sees a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert dev.resolve_device("auto") == dev.CPU
 
 
