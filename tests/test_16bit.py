@@ -167,3 +167,18 @@ def test_float16_overflow_inside_a_block_is_an_error_and_bfloat16_runs(huge_insi
     errors32 = quantized(run(huge_inside, tmp_path / "fp32", method, "float32"))[0]
     for name, e32 in errors32.items():
         assert abs(errors[name] - e32) <= max(ERROR_TOL[method], 0.1) * e32, (name, errors[name], e32)
+
+
+def test_hessian_of_float16_inputs_accumulates_in_fp32():
+    """x fp16 with |x| = 200 on 64 tokens: H's entries (2 * 64 * 200^2 = 5.1e6) are far past float16's 65504, so an
+    fp16 accumulation would be inf; H is fp32 and equals the fp64 sum."""
+    from streamq.quant.hessian import HessianAccumulator
+
+    x = torch.full((1, 64, 8), 200.0, dtype=torch.float16)
+    x[0, :, 1] = -3.0
+    acc = HessianAccumulator(8)
+    acc.add(x)
+    acc.add(x)
+    assert acc.H.dtype == torch.float32 and torch.isfinite(acc.H).all()
+    x64 = x.reshape(-1, 8).double()
+    torch.testing.assert_close(acc.H.double(), 2 / 2 * 2 * (x64.t() @ x64), rtol=1e-6, atol=0)  # 2/n * both sums
