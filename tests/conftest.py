@@ -12,6 +12,10 @@ import torch
 # anything imports Triton (transformers does, through torch._dynamo).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # imported now, in interpreter mode, whatever the environment of the test that would import it first
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
