@@ -10,13 +10,13 @@ from torch import nn
 from streamq.calib.capture import batched_kwargs, run_block
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
+from streamq.device import cast_floats, check_finite, to_device_ahead
 from streamq.fallback import CPU
 from streamq.io.blocks import ModelLayout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
-from streamq.methods import get_method
+from streamq.methods import QuantResult, get_method
 from streamq.quant.autoround import autoround_block
 from streamq.quant.block import LayerReport, quantize_block
-from streamq.methods import QuantResult
 
 
 def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
@@ -30,31 +30,35 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     """
     release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
     block = load_block(layout, ckpt, i, device, dtype)
-    kwargs = batched_kwargs(kwargs, 1, device)
+    kwargs = cast_floats(batched_kwargs(kwargs, 1, device), dtype)  # the CPU retry of a 16-bit run computes in fp32
     if get_method(cfg.method).solve is None:  # tunes the whole block (AutoRound)
         fp_inputs = None
         if cfg.fp_stream:  # block 0's inputs are the same in both streams: slot holds them
             fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
                               chunk=max(1, cfg.batch_size // 2) if lean else None)
-    samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
+    samples = None
+    if store is not None:
+        samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
     if store is not None:
-        propagate(block, store, slot, store.other(slot), kwargs, device)
+        propagate(block, store, slot, store.other(slot), kwargs, device, what=f"block {i + 1}/{layout.n_blocks}")
     return results
 
 
 @torch.no_grad()
 def propagate(block: nn.Module, store: ActivationStore, source: str, dest: str, kwargs: dict, device: torch.device,
-              targets: str | None = None) -> float | None:
+              targets: str | None = None, what: str = "block") -> float | None:
     """Run block over the samples in slot `source`, writing its outputs into slot `dest`.
 
     targets: a slot of reference outputs (it may be dest: each sample is read before it is overwritten); return
     the relative error sum ||out - ref||^2 / sum ||ref||^2 over all samples.
     """
     sse = ref = 0.0
-    for j, x in store.iter_samples(source):
-        y = run_block(block, x.to(device), kwargs)
+    dtype = next(block.parameters()).dtype
+    for j, x in to_device_ahead(store.iter_samples(source), device, dtype, store):
+        y = run_block(block, x, kwargs).to(store.dtype)
+        check_finite(y, f"{what} outputs (sample {j})")
         if targets is not None:
             t = store.read(targets, j).to(y.device, torch.float32)
             sse += (y.float() - t).pow(2).sum().item()

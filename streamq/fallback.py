@@ -8,6 +8,7 @@ block's forward passes stay on the device.
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,14 +30,22 @@ def attempts(device: torch.device) -> list[tuple[torch.device, bool]]:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """A CUDA OOM (torch.OutOfMemoryError) or the CPU allocator failing to allocate."""
-    return isinstance(e, torch.OutOfMemoryError) or (
+    """A CUDA OOM or the CPU allocator failing to allocate. torch.cuda.OutOfMemoryError is the name torch 2.4
+    (pyproject's floor) has; from 2.5 it is torch.OutOfMemoryError, the same class."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def attempt_dtype(device: torch.device, planned: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of an attempt on device for a block planned on `planned`: the run's dtype, except that
+    a GPU block retried on the CPU computes in float32 (CPU 16-bit matmuls are slow, and fp16 can overflow)."""
+    return torch.float32 if device.type == "cpu" and planned.type != "cpu" else dtype
 
 
 def free_cached(device: torch.device) -> None:
     """Give the caching allocator's free blocks back so the next attempt starts from a clean slate."""
     if device.type == "cuda":
+        gc.collect()  # reference cycles may still hold the failed attempt's tensors
         torch.cuda.empty_cache()
 
 
@@ -53,12 +62,13 @@ def with_fallback(compute: Callable[[torch.device, bool], T], device: torch.devi
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
-            free_cached(dev)
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            if k + 1 == len(tries):
-                raise StreamqError(f"{what}: out of memory on {dev} even in smaller chunks ({reason}); "
-                                   "lower --nsamples/--seqlen or give it more memory") from None
-            nxt, nxt_lean = tries[k + 1]
-            how = "in smaller chunks, Hessians on the CPU" if nxt_lean else "as planned"
-            warnings.warn(f"{what}: out of memory on {dev} ({reason}); retrying on {nxt} {how}", stacklevel=2)
+        # Out of the except block: its traceback (and the failed attempt's tensors in its frames) is gone now.
+        free_cached(dev)
+        if k + 1 == len(tries):
+            raise StreamqError(f"{what}: out of memory on {dev} even in smaller chunks ({reason}); "
+                               "lower --nsamples/--seqlen or give it more memory")
+        nxt, nxt_lean = tries[k + 1]
+        how = "in smaller chunks, Hessians on the CPU" if nxt_lean else "as planned"
+        warnings.warn(f"{what}: out of memory on {dev} ({reason}); retrying on {nxt} {how}", stacklevel=2)
     raise AssertionError("unreachable")

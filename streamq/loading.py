@@ -9,7 +9,7 @@ from streamq.errors import StreamqError
 from streamq.formats.spqr import config_from_quantization_config
 from streamq.io.blocks import build_layout, materialize
 from streamq.io.checkpoint import Checkpoint
-from streamq.pipeline import resolve_device
+from streamq.device import resolve_device
 from streamq.tokenizer import load_tokenizer
 from streamq.qlinear import replace_linears
 

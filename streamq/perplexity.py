@@ -14,7 +14,7 @@ from streamq.calib.data import eval_windows
 from streamq.calib.store import ActivationStore
 from streamq.io.blocks import build_layout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
-from streamq.pipeline import resolve_device, resolve_dtype
+from streamq.device import resolve_device, resolve_dtype
 from streamq.tokenizer import load_tokenizer
 
 

@@ -17,8 +17,9 @@ from streamq.calib.capture import ModelEnds
 from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
+from streamq.device import peak_vram, reset_peak_vram, resolve_device, resolve_dtype
 from streamq.errors import OtherRunError, StreamqError
-from streamq.fallback import CPU, with_fallback
+from streamq.fallback import CPU, attempt_dtype, with_fallback
 from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
@@ -33,29 +34,6 @@ from streamq.options import DEFAULT_CALIB, MANIFEST, REPORT, TOKENIZER_FILES, WO
 from streamq.progress import BlockProgress
 from streamq.tokenizer import load_tokenizer
 from streamq.quant.grid import check_group_size
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise StreamqError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StreamqError(f"--device {name}: no CUDA GPU is visible to torch")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return torch.bfloat16 if str(ckpt.config.get("dtype", ckpt.config.get("torch_dtype"))) == "bfloat16" else torch.float16
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise StreamqError(f"--dtype {name!r}: choose auto, float32, float16 or bfloat16")
-    return table[name]
 
 
 def linear_shapes(cfg: QuantConfig, lin: nn.Linear, n_outliers: int = 0) -> dict:
@@ -229,8 +207,11 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
             if i + 1 < layout.n_blocks:
                 readahead.start(i + 1, block_names(layout, ckpt, i + 1))
             slot = manifest["slot"]
-            work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs, cfg, dev, dtype, lean)  # noqa
-            results = with_fallback(work, CPU if i in opts.cpu_blocks else device, f"block {i + 1}/{layout.n_blocks}")
+            planned = CPU if i in opts.cpu_blocks else device
+            work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs, cfg, dev,  # noqa: E731
+                                                attempt_dtype(dev, planned, dtype), lean)
+            reset_peak_vram(device)
+            results = with_fallback(work, planned, f"block {i + 1}/{layout.n_blocks}")
             io_wait += writes.wait()  # block i - 1 is on disk: the manifest and the writer are ours again
             if store is not None:
                 manifest["slot"] = store.other(slot)
@@ -243,7 +224,8 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
             release_block(layout, i)
             io_wait += store.io_seconds - store_io if store else 0.0
             seconds = time.perf_counter() - start
-            manifest["blocks"][str(i)] = {"layers": layers, "seconds": seconds, "io_wait_seconds": io_wait}
+            manifest["blocks"][str(i)] = {"layers": layers, "seconds": seconds, "io_wait_seconds": io_wait,
+                                          "peak_vram_bytes": peak_vram(device)}
             manifest["next_block"] = i + 1
             writes.submit(lambda i=i, tensors=tensors: record_block(out, writer, manifest, i, tensors))
             del tensors
@@ -393,7 +375,7 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         "seconds_total": sum(b["seconds"] for b in blocks.values()),
         "io_wait_seconds_total": sum(b.get("io_wait_seconds", 0.0) for b in blocks.values()),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_vram_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
+        "peak_vram_bytes": max((b.get("peak_vram_bytes", 0) for b in blocks.values()), default=0),
         "bits_per_quantized_weight": 8 * quant_bytes / max(1, quant_weights),
         "output_bytes": writer.total_size(),
         "shards": writer.names,

@@ -23,8 +23,8 @@ from streamq.methods import get_method
 from streamq.errors import StreamqError
 from streamq.io.blocks import build_layout
 from streamq.io.checkpoint import Checkpoint
+from streamq.device import resolve_device, resolve_dtype
 from streamq.options import MANIFEST, RunOptions
-from streamq.pipeline import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ import torch
 # anything imports Triton (transformers does, through torch._dynamo).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # imported now, in interpreter mode, whatever the environment of the test that would import it first
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
@@ -82,6 +86,29 @@ def make_tiny_model(folder: Path, arch: str = "llama", n_layers: int = 2, shards
     tok.save_pretrained(folder)
     (folder / "calib.txt").write_text(sample_text(), encoding="utf-8")
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests are skipped where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a gpu-marked test; tools/gpu_check.py runs them on a GPU)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_gpu_test(request, monkeypatch):
+    """Tests compute on the CPU, in the dtype they ask for, even on a GPU machine: --device auto means the CPU
+    except in `gpu`-marked tests (whose references are built for the GPU's dtypes)."""
+    if request.node.get_closest_marker("gpu") is None:
+        import streamq.device
+
+        monkeypatch.setattr(streamq.device, "auto_device", lambda: torch.device("cpu"))
+    # CPU code paths as a CPU user runs them: Triton's interpreter only where a kernel test asks for it (its
+    # `device` fixture sets TRITON_INTERPRET=1 again); Triton itself was imported in interpreter mode above.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import streamq
 from streamq.cli import main
 from streamq.planner import fmt_size
 model, out = sys.argv[1], sys.argv[2]
-plan = streamq.plan(model, benchmark=False, nsamples=8, seqlen=64, group_size=64)
+plan = streamq.plan(model, benchmark=False, nsamples=8, seqlen=64, group_size=64, device="cpu")
 budget = fmt_size(plan.peak_ram_bytes + 8 * 10**6)  # + the RSS the plan itself may add before compress re-plans
 code = main(["compress", model, out, "--calib", model + "/calib.txt", "--nsamples", "8", "--seqlen", "64",
-             "--group-size", "64", "--no-progress", "--max-ram", budget])
+             "--group-size", "64", "--no-progress", "--max-ram", budget, "--device", "cpu"])
 print(json.dumps({"code": code, "budget": budget, "baseline": plan.baseline_rss_bytes,
                   "predicted": plan.peak_ram_bytes, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

@@ -124,3 +124,52 @@ def test_oom_autoround_block_retried_in_smaller_chunks(src, tmp_path, monkeypatc
     assert leans == [False, True] * 3 and chunks == [None, 2] * 3
     for c, r, base in zip(clean, retried, rtn):
         assert r < 1.25 * c and r < 0.7 * base, (clean, retried, rtn)
+
+
+def test_cache_emptied_once_the_failed_attempt_is_released(monkeypatch):
+    """free_cached runs after the except block: no exception in flight, the failed attempt's tensors freed
+    (inside the block, the traceback's frames would still hold them and the retry could run out again)."""
+    import sys
+    import weakref
+
+    from streamq import fallback
+
+    refs, seen = [], []
+
+    def compute(device, lean):
+        if not lean:
+            held = torch.empty(1024)
+            refs.append(weakref.ref(held))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return "done"
+
+    monkeypatch.setattr(fallback, "free_cached", lambda d: seen.append((d, refs[0]() is None, sys.exc_info()[0])))
+    with pytest.warns(UserWarning, match="retrying on cuda in smaller chunks"):
+        assert with_fallback(compute, CUDA, "block 1/1") == "done"
+    assert seen == [(CUDA, True, None)]
+
+
+def test_cpu_retry_of_a_gpu_block_computes_in_fp32():
+    from streamq.fallback import attempt_dtype
+
+    assert attempt_dtype(CPU, CUDA, torch.float16) == torch.float32  # the OOM retry on the CPU
+    assert attempt_dtype(CUDA, CUDA, torch.bfloat16) == torch.bfloat16
+    assert attempt_dtype(CPU, CPU, torch.bfloat16) == torch.bfloat16  # a 16-bit CPU run asked for
+
+
+def test_fp32_retry_of_a_16bit_run_writes_the_16bit_store(src, tmp_path, monkeypatch):
+    """A float16 run whose blocks are all computed in fp32 (as the CPU retry of a GPU block is): inputs, kwargs
+    and outputs cross between the fp16 store and the fp32 block; the codes are those of the fp16 run within
+    its rounding (layer errors within 20% of it)."""
+    from streamq import fallback, pipeline
+
+    kw = dict(RUN, method="gptq", calib=str(src / "calib.txt"), group_size=16, dtype="float16")
+    half = json.loads((streamq.compress(src, tmp_path / "half", **kw) / "streamq_manifest.json").read_text())
+    dtypes = []
+    monkeypatch.setattr(pipeline, "attempt_dtype",
+                        lambda d, planned, dtype: dtypes.append(fallback.attempt_dtype(d, CUDA, dtype)) or dtypes[-1])
+    mixed = json.loads((streamq.compress(src, tmp_path / "mixed", **kw) / "streamq_manifest.json").read_text())
+    assert dtypes == [torch.float32] * 3 and mixed["fingerprint"]["compute dtype"] == "torch.float16"
+    for i in range(3):
+        for name, r in half["blocks"][str(i)]["layers"].items():
+            assert abs(mixed["blocks"][str(i)]["layers"][name]["error"] - r["error"]) <= 0.2 * r["error"] + 1e-4

@@ -104,3 +104,13 @@ def check_spqr_linear(device):
     token = torch.randn(1, 1, 96)  # batch-1 decoding: the fused matvec
     torch.testing.assert_close(q(token.to(device)).cpu(), F.linear(token, r.weight, bias), rtol=1e-5, atol=1e-5)
 
+
+
+@needs_triton
+def test_dequantize_straight_into_16_bits(device):
+    """A prefill forward's W is made in the activations' dtype (no fp32 copy of the weight): within fp16 rounding
+    of the dense part plus that of the outlier sum."""
+    tensors, cfg, r = layer()
+    W16 = kernels.spqr_dequantize(to(tensors, device), cfg, torch.float16).cpu()
+    assert W16.dtype == torch.float16
+    torch.testing.assert_close(W16.float(), r.weight, rtol=2e-3, atol=1e-3 * r.weight.abs().max().item())

@@ -182,7 +182,7 @@ def harness(tmp_path_factory):
     def argv(out: Path) -> list[str]:
         return ["compress", str(model), str(out), "--calib", str(model / "calib.txt"), "--nsamples", "2",
                 "--seqlen", "16", "--group-size", "32", "--shard-size", "60000", "--offload", "disk",
-                "--no-progress"]
+                "--no-progress", "--device", "cpu"]
 
     server.start(argv(tmp / "ref"), events=str(tmp / "events.json"))
     start = time.perf_counter()

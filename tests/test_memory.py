@@ -11,7 +11,7 @@ CHILD = """
 import json, resource, sys
 import streamq
 streamq.compress(sys.argv[1], sys.argv[2], bits=4, group_size=64, calib=sys.argv[1] + "/calib.txt",
-                 nsamples=2, seqlen=32, progress=False)
+                 nsamples=2, seqlen=32, progress=False, device="cpu")
 print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 

@@ -128,6 +128,7 @@ def test_plan_cli_table_and_json(model, capsys):
 def test_cuda_blocks_over_max_vram_fall_back_to_cpu(model, tmp_path, monkeypatch):
     """No GPU here: the device is injected (planning reads no tensor and touches no CUDA API)."""
     monkeypatch.setattr("streamq.planner.resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr("streamq.device.has_bf16", lambda device: False)  # a GPU without bf16: fp16
     cfg, opts = QuantConfig(group_size=32), RunOptions(nsamples=2, seqlen=16)
     roomy = make_plan(model, cfg, opts, max_vram=80 * 10**9)
     assert roomy.dtype == "float16" and not roomy.cpu_fallback_blocks  # auto: 16-bit on a GPU

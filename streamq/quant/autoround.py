@@ -112,6 +112,7 @@ def _tune(block, tunables: dict[str, Tunable], inputs: Batch, targets: Batch, ns
     lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
     sampler = torch.Generator().manual_seed(cfg.seed)
     pick = min(nsamples, cfg.batch_size * cfg.grad_accum)
+    amp = dtype in (torch.float16, torch.bfloat16)
 
     def minibatch_loss(backward: bool) -> float:
         """MSE over `pick` random samples, fed `chunk` at a time; with backward, grads summed into params."""
@@ -121,9 +122,13 @@ def _tune(block, tunables: dict[str, Tunable], inputs: Batch, targets: Batch, ns
             part = idx[b:b + chunk]
             x = inputs(part).to(device, dtype)
             y = targets(part).to(device, torch.float32)
-            weights = {f"{n}.weight": qdq(t, cfg.bits, cfg.sym, cfg.full_range)[0].reshape(t.W.shape[0], -1).to(dtype)
-                       for n, t in tunables.items()}
-            out = functional_call(block, weights, (x,), batched_kwargs(kwargs, len(part), device))
+            # 16-bit compute as the reference does it: fp32 master values (V, alpha, beta, the fp32 Q(W)) under
+            # autocast, which runs matmuls in 16 bits, the ops that need range (softmax, norms) in fp32, and sends
+            # fp32 gradients back to the master values.
+            weights = {f"{n}.weight": qdq(t, cfg.bits, cfg.sym, cfg.full_range)[0].reshape(t.W.shape[0], -1)
+                       .to(torch.float32 if amp else dtype) for n, t in tunables.items()}
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=amp):
+                out = functional_call(block, weights, (x,), batched_kwargs(kwargs, len(part), device))
             out = out[0] if isinstance(out, tuple) else out
             # Backward on the sum, not the mean: sign(grad) is the same, and the mean's 2*(out - y)/numel
             # would underflow in an fp16 backward.
