@@ -17,13 +17,13 @@ from streamq.calib.capture import ModelEnds
 from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
-from streamq.errors import OtherRunError, StreamqError
+from streamq.errors import StreamqError
 from streamq.fallback import CPU, with_fallback
 from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
-from streamq.io.manifest import read_json, write_json_atomic
+from streamq.io.manifest import MANIFEST, WORK_DIR, open_output, write_json_atomic, writer_lock
 from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
@@ -31,13 +31,12 @@ from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.progress import BlockProgress
 from streamq.quant.grid import check_group_size
 
-MANIFEST = "streamq_manifest.json"
 REPORT = "streamq_report.json"
-WORK_DIR = ".streamq-work"
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 GB = 1 << 30
+INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -176,39 +175,15 @@ def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> dict[
     return {name: packed.get(name, [name]) for name in ckpt.names()}
 
 
-def open_output(out: Path, fp: dict, plan: dict, resume: str) -> dict:
-    """Create, resume or refuse the output folder. Returns the manifest to continue from.
-
-    plan: the output layout (shards, units, source map), recorded once in a fresh manifest."""
-    manifest_path = out / MANIFEST
-    fresh = {"fingerprint": fp, "plan": plan, "next_block": 0, "slot": "a", "units": {}, "blocks": {},
-             "complete": False}
-    # A run killed while writing its first manifest leaves only that file's temporary: still an empty folder.
-    if out.exists() and {p.name for p in out.iterdir()} - {MANIFEST + ".tmp"}:
-        if not manifest_path.exists():
-            raise StreamqError(f"{out}: folder exists and is not a streamq output; choose an empty or new folder")
-        if resume == "never":
-            raise StreamqError(f"{out}: holds an earlier run; remove it, or drop --no-resume to continue it")
-        if resume == "restart":  # the manifest goes last (replaced below), so a killed restart can be restarted
-            for p in out.iterdir():
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.name != MANIFEST:
-                    p.unlink()
-        else:
-            manifest = read_json(manifest_path)
-            changed = [k for k in fp if manifest["fingerprint"].get(k) != fp[k]]
-            if changed:
-                raise OtherRunError(f"{out}: belongs to another run ({', '.join(changed)} changed); "
-                                   "use --restart to discard it or choose another folder")
-            return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest_path, fresh)
-    return fresh
-
-
 def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(), opts: RunOptions = RunOptions(),
              should_stop: Callable[[], bool] = lambda: False) -> Path:
+    """compress_locked() holding OUT's writer lock: one run per output folder at a time."""
+    with writer_lock(Path(out)):
+        return compress_locked(model, out, cfg, opts, should_stop)
+
+
+def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: RunOptions,
+                    should_stop: Callable[[], bool]) -> Path:
     """Compress the model folder `model` into the GPTQ-format folder `out`, one decoder block at a time.
 
     1. Open the source: safetensors headers checked, skeleton built on the meta device, every layer checked
@@ -237,7 +212,9 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
 
     plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg)}
-    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, opts.resume)  # 3
+    files = [*writer.names, *(n + ".partial" for n in writer.names), INDEX, "config.json", REPORT, WORK_DIR,
+             *TOKENIZER_FILES]
+    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, files, opts.resume)  # 3
     if manifest["complete"]:
         if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
@@ -387,7 +364,7 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
         if (ckpt.folder / name).exists():
             write_bytes_atomic(out / name, (ckpt.folder / name).read_bytes())
     if len(writer.names) > 1:
-        write_json_atomic(out / "model.safetensors.index.json",
+        write_json_atomic(out / INDEX,
                           {"metadata": {"total_size": writer.total_size()}, "weight_map": writer.weight_map()})
     config = dict(ckpt.config)
     config["quantization_config"] = quantization_config(cfg)

@@ -12,25 +12,28 @@ from pathlib import Path
 
 from streamq.errors import StreamqError
 from streamq.io.checkpoint import read_header
-from streamq.io.manifest import read_json
+from streamq.io.manifest import MANIFEST, read_json, read_manifest, reader_lock
 from streamq.io.writer import file_digest
-from streamq.pipeline import MANIFEST
 
 INDEX = "model.safetensors.index.json"
 
 
 def verify(out: str | Path) -> list[str]:
-    """Problems found in the output folder `out`, one line each; an empty list when all is well."""
+    """Problems found in the output folder `out`, one line each; an empty list when all is well. A folder
+    that a compress run is writing is refused (StreamqError)."""
     out = Path(out)
-    try:
-        manifest = read_json(out / MANIFEST)
-    except FileNotFoundError:
+    with reader_lock(out):
+        return _verify(out)
+
+
+def _verify(out: Path) -> list[str]:
+    if not (out / MANIFEST).exists():
         return [f"{out}: no {MANIFEST}; not a streamq output folder"]
-    except json.JSONDecodeError as e:
-        return [f"{out / MANIFEST}: not valid JSON ({e.msg})"]
-    plan = manifest.get("plan")
-    if plan is None:
-        return [f"{out / MANIFEST}: records no output plan (an older streamq wrote it); cannot verify"]
+    try:
+        manifest = read_manifest(out)
+    except StreamqError as e:
+        return [str(e)]
+    plan = manifest["plan"]
     complete = manifest.get("complete") is True
     problems = []
     if not complete:
