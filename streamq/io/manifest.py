@@ -81,9 +81,8 @@ def read_manifest(out: Path) -> dict:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise StreamqError(f"{path}: field {field!r} is missing or not a JSON {kind.__name__}")
     units, blocks, n = manifest["units"], manifest["blocks"], manifest["next_block"]
-    planned = manifest["plan"].get("units")
-    if not isinstance(planned, dict) or not isinstance(manifest["plan"].get("shards"), dict):
-        raise StreamqError(f"{path}: field 'plan' lacks its shards or units")
+    _check_plan(manifest["plan"], path)
+    planned = manifest["plan"]["units"]
     n_blocks = sum(k.startswith("block.") for k in planned)
     if not 0 <= n <= n_blocks or manifest["slot"] not in ("a", "b"):
         raise StreamqError(f"{path}: next_block {n} / slot {manifest['slot']!r} out of range")
@@ -96,6 +95,33 @@ def read_manifest(out: Path) -> dict:
     if not all(isinstance(f, str) and _plain_name(f) for f in manifest["files"] + manifest.get("discard", [])):
         raise StreamqError(f"{path}: field 'files' names something outside the folder")
     return manifest
+
+
+def _check_plan(plan: dict, path: Path) -> None:
+    """The output plan's shape: shards {name: {bytes, header_sha256}}, units {key: {shard, begin, end, tensors}}
+    (a data-sized unit not yet settled has None for its sizes), source {tensor: [output tensors]}."""
+    def fail(what):
+        raise StreamqError(f"{path}: the output plan's {what} is malformed")
+
+    def number(v):
+        return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+    shards, units, source = plan.get("shards"), plan.get("units"), plan.get("source")
+    if not isinstance(shards, dict) or not isinstance(units, dict) or not isinstance(source, dict):
+        fail("shards, units or source")
+    for name, shard in shards.items():
+        if not _plain_name(name) or not isinstance(shard, dict) or not number(shard.get("bytes")) or \
+                not isinstance(shard.get("header_sha256"), (str, type(None))):
+            fail(f"shard {name[:80]!r}")
+    for key, unit in units.items():
+        if not isinstance(unit, dict) or unit.get("shard") not in shards or not number(unit.get("begin")) or \
+                not number(unit.get("end")) or not isinstance(unit.get("tensors"), list) or \
+                not all(isinstance(t, str) for t in unit["tensors"]):
+            fail(f"unit {key[:80]!r}")
+        if unit["begin"] is not None and (unit["end"] is None or unit["end"] < unit["begin"]):
+            fail(f"unit {key[:80]!r}")
+    if not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in source.values()):
+        fail("source map")
 
 
 def _plain_name(name: str) -> bool:
