@@ -199,7 +199,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
     """
     out = Path(out)
-    ckpt = Checkpoint(model)  # 1
+    ckpt = Checkpoint(model, hash_reads=True)  # 1
     layout = build_layout(ckpt)
     units = plan_units(layout, ckpt, cfg)
     writer = ShardWriter(out, plan_shards(units, opts.shard_size))
@@ -215,6 +215,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     files = [*writer.names, *(n + ".partial" for n in writer.names), INDEX, "config.json", REPORT, WORK_DIR,
              *TOKENIZER_FILES]
     manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, files, opts.resume)  # 3
+    ckpt.check_digests(manifest.get("source_sha256", {}) if not manifest["complete"] else {})
     if manifest["complete"]:
         if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
@@ -254,6 +255,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
             io_wait += store.io_seconds - store_io if store else 0.0
             seconds = time.perf_counter() - start
             manifest["blocks"][str(i)] = {"layers": layers, "seconds": seconds, "io_wait_seconds": io_wait}
+            manifest.setdefault("source_sha256", {}).update(ckpt.digests)  # what a resume must find unchanged
             manifest["next_block"] = i + 1
             writes.submit(lambda i=i, tensors=tensors: record_block(out, writer, manifest, i, tensors))
             del tensors
@@ -359,6 +361,7 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
 
     if "rest" not in manifest["units"]:
         manifest["units"]["rest"] = writer.write_unit("rest", {n: ckpt.get(n) for n in non_block_names(layout, ckpt)})
+        manifest.setdefault("source_sha256", {}).update(ckpt.digests or {})
         write_json_atomic(out / MANIFEST, manifest)
     for name in TOKENIZER_FILES:
         if (ckpt.folder / name).exists():

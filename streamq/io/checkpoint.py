@@ -78,8 +78,10 @@ def read_header(path: Path) -> tuple[dict, int]:
 class Checkpoint:
     """Tensor name -> TensorInfo over all shards of a model folder; tensors are read lazily by name."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, hash_reads: bool = False):
+        """hash_reads: record the sha256 of every tensor `get` reads (name -> hex) in self.digests."""
         self.folder = Path(folder)
+        self.digests: dict[str, str] | None = {} if hash_reads else None
         if not self.folder.is_dir():
             raise StreamqError(f"{self.folder}: model folder not found")
         self.config = read_config(self.folder)
@@ -158,6 +160,8 @@ class Checkpoint:
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
         t = handle.get_tensor(name)
+        if self.digests is not None:  # the bytes as stored in the file: what a resume hashes again
+            self.digests[name] = hashlib.sha256(_raw_bytes(t)).hexdigest()
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise StreamqError(f"{info.file.name}: tensor {name} contains NaN or Inf")
         return t.to(device)
@@ -165,6 +169,15 @@ class Checkpoint:
     def close(self) -> None:
         """Drop the memory maps: pages read through them would otherwise stay counted in RSS."""
         self._handles.clear()
+
+    def check_digests(self, digests: dict[str, str]) -> None:
+        """Hash again every tensor in digests (name -> sha256 recorded when an earlier run read it), straight from
+        the files; raise StreamqError naming the first one, in file order, that is gone or whose bytes changed."""
+        order = sorted(digests, key=lambda n: self.byte_range(n)[:2] if n in self.tensors else (Path(), -1))
+        for name in order:
+            if name not in self.tensors or file_sha256(*self.byte_range(name)) != digests[name]:
+                raise StreamqError(f"{self.folder}: tensor {name} changed since the interrupted run read it "
+                                   "(another model under the same names?); use --restart to compress it anew")
 
     def byte_range(self, name: str) -> tuple[Path, int, int]:
         """(file, first byte, end byte) of a stored tensor within its shard file."""
@@ -174,6 +187,25 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         info = self.tensors[name]
         return info.end - info.begin
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as safetensors stores them (C order, native little-endian)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def file_sha256(path: Path, begin: int, end: int, chunk: int = 1 << 24) -> str:
+    """sha256 of bytes [begin, end) of a file, read `chunk` bytes at a time (fewer when the file is shorter)."""
+    digest, buf = hashlib.sha256(), bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(begin)
+        while begin < end:
+            n = f.readinto(memoryview(buf)[:min(chunk, end - begin)])
+            if not n:
+                break
+            digest.update(memoryview(buf)[:n])
+            begin += n
+    return digest.hexdigest()
 
 
 def read_config(folder: Path) -> dict:

@@ -92,7 +92,11 @@ def read_manifest(out: Path) -> dict:
         raise StreamqError(f"{path}: the written units {sorted(units)[:3]} disagree with next_block {n}")
     if manifest["complete"] and (n != n_blocks or "rest" not in units):
         raise StreamqError(f"{path}: says complete with {n} of {n_blocks} blocks written")
-    if not all(isinstance(f, str) and _plain_name(f) for f in manifest["files"] + manifest.get("discard", [])):
+    digests = manifest.get("source_sha256", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise StreamqError(f"{path}: field 'source_sha256' is not an object of sha256 strings")
+    if not isinstance(manifest.get("discard", []), list) or \
+            not all(isinstance(f, str) and _plain_name(f) for f in manifest["files"] + manifest.get("discard", [])):
         raise StreamqError(f"{path}: field 'files' names something outside the folder")
     return manifest
 
@@ -137,7 +141,7 @@ def open_output(out: Path, fp: dict, plan: dict, files: list[str], resume: str) 
     their .partial, index, config, tokenizer, report, work folder). resume: auto | restart | never.
     A folder holding anything but streamq's bookkeeping and no manifest is refused, naming a file in it."""
     fresh = {"fingerprint": fp, "plan": plan, "next_block": 0, "slot": "a", "units": {}, "blocks": {},
-             "complete": False, "files": sorted(set(files)), "source_blake2b": {}}
+             "complete": False, "files": sorted(set(files)), "source_sha256": {}}
     present = sorted(p.name for p in out.iterdir() if p.name not in ALWAYS_OURS)
     if not (out / MANIFEST).exists():
         if present:  # a run killed before its first manifest leaves only that file's temporary and the lock
