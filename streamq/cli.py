@@ -150,8 +150,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             try:
                 out = streamq.compress(args.model, args.out, should_stop=stop, **kwargs)
             except Interrupted as e:
+                again = [a for a in argv if a not in ("--restart", "--no-resume")]  # these would restart / refuse
                 print(f"streamq: {e} on {signal.Signals(stop.signum).name}; to resume, run the same command again: "
-                      f"streamq {shlex.join(argv)}", file=sys.stderr)
+                      f"streamq {shlex.join(again)}", file=sys.stderr)
                 return stop.exit_code
         print(f"wrote {out}")
     elif args.command == "plan":

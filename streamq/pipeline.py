@@ -1,6 +1,7 @@
 """compress(): the only loop over decoder blocks, and the only place the pieces are tied together."""
 from __future__ import annotations
 
+import logging
 import resource
 import shutil
 import time
@@ -210,6 +211,10 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     if cfg.method != "rtn":
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
+        longest = ckpt.config.get("max_position_embeddings")
+        if longest and opts.seqlen > longest:  # rotary models run past it, but on positions never trained
+            logging.getLogger("streamq").warning(f"warning: --seqlen {opts.seqlen} exceeds the model's "
+                                                 f"max_position_embeddings {longest}")
 
     plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg)}
     files = [*writer.names, *(n + ".partial" for n in writer.names), INDEX, "config.json", REPORT, WORK_DIR,

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from streamq.errors import StreamqError
-from streamq.io.checkpoint import read_header
+from streamq.io.checkpoint import read_config, read_header
 from streamq.io.manifest import MANIFEST, read_json, read_manifest, reader_lock
 from streamq.io.writer import file_digest
 
@@ -43,7 +43,36 @@ def _verify(out: Path) -> list[str]:
                         "re-run its compress command to finish it")
     problems += check_bytes(out, plan, manifest["units"], complete)
     problems += check_coverage(out, plan, complete)
+    if complete and not problems:
+        problems += check_config(out, manifest["fingerprint"].get("method"))
     return problems
+
+
+def check_config(out: Path, method) -> list[str]:
+    """config.json's quantization_config: the one the run's recorded method implies (format, bits, group size,
+    act-order, symmetry), and one that fits the tensors (every quantized Linear's packed tensors present with the
+    shapes and dtypes it implies; checked by building the model skeleton from config.json)."""
+    from streamq.io.blocks import build_layout
+    from streamq.io.checkpoint import Checkpoint
+
+    path = out / "config.json"
+    try:
+        q = read_config(out).get("quantization_config")
+    except StreamqError as e:
+        return [str(e)]
+    if not isinstance(q, dict):
+        return [f"{path}: has no quantization_config (the folder would read as an unquantized model)"]
+    method = method if isinstance(method, dict) else {}
+    want = {"quant_method": "spqr" if method.get("method") == "spqr" else "gptq", "bits": method.get("bits"),
+            "group_size": method.get("group_size"), "desc_act": method.get("act_order"), "sym": method.get("sym")}
+    for key, value in want.items():
+        if q.get(key) != value:
+            return [f"{path}: quantization_config {key} is {q.get(key)!r}, the run used {value!r}"]
+    try:
+        build_layout(Checkpoint(out))
+    except StreamqError as e:
+        return [str(e)]
+    return []
 
 
 def check_bytes(out: Path, plan: dict, digests: dict[str, str], complete: bool) -> list[str]:

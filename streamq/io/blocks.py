@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from streamq.errors import StreamqError
-from streamq.io.checkpoint import Checkpoint
+from streamq.io.checkpoint import Checkpoint, check_against_config
 
 # Tested architectures (config.model_type). Others with the same module structure may work but are refused.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "opt")
@@ -68,7 +68,9 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
     if not isinstance(layers, nn.ModuleList):
         raise StreamqError(f"{ckpt.folder}: {type(decoder).__name__} has no .layers list of decoder blocks")
     prefix = next(name for name, m in model.named_modules() if m is layers) + "."
-    return ModelLayout(config, model, decoder, layers, prefix)
+    layout = ModelLayout(config, model, decoder, layers, prefix)
+    check_against_config(ckpt, layout)
+    return layout
 
 
 def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelLayout,
