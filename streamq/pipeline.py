@@ -221,13 +221,12 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
              *TOKENIZER_FILES]
     manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, files, opts.resume)  # 3
     ckpt.check_digests(manifest.get("source_sha256", {}) if not manifest["complete"] else {})
+    settle_written_units(layout, ckpt, cfg, writer, manifest)
+    check_written_units(writer, manifest, plan["source"])
     if manifest["complete"]:
         if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return out
-    writer.folder.mkdir(parents=True, exist_ok=True)
-    settle_written_units(layout, ckpt, cfg, writer, manifest)
-    check_written_units(writer, manifest)
     readahead = Prefetcher(ckpt)  # block i + 1's weights are read while block i computes
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
@@ -321,8 +320,12 @@ def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig
             writer.settle(block_unit(layout, ckpt, cfg, i, counts))
 
 
-def check_written_units(writer: ShardWriter, manifest: dict) -> None:
-    """On resume, every unit the manifest calls done must still hash the same on disk."""
+def check_written_units(writer: ShardWriter, manifest: dict, source: dict) -> None:
+    """On resume (or a re-run of a finished run), the manifest's output plan must be this run's, and every unit
+    it calls done must still hash the same on disk."""
+    if manifest["plan"] != {**writer.plan(), "source": source}:
+        raise StreamqError(f"{writer.folder}: the output plan in {MANIFEST} differs from this run's (edited or "
+                           "damaged); use --restart")
     for key, digest in manifest["units"].items():
         if writer.unit_digest(key) != digest:
             raise StreamqError(f"{writer.folder}: the bytes of {key} on disk do not match the manifest "

@@ -63,7 +63,9 @@ def check_config(out: Path, method) -> list[str]:
     if not isinstance(q, dict):
         return [f"{path}: has no quantization_config (the folder would read as an unquantized model)"]
     method = method if isinstance(method, dict) else {}
-    want = {"quant_method": "spqr" if method.get("method") == "spqr" else "gptq", "bits": method.get("bits"),
+    spqr = method.get("method") == "spqr"
+    want = {"quant_method": "spqr" if spqr else "gptq", "checkpoint_format": "streamq-spqr" if spqr else "gptq",
+            "bits": method.get("bits"),
             "group_size": method.get("group_size"), "desc_act": method.get("act_order"), "sym": method.get("sym")}
     for key, value in want.items():
         if q.get(key) != value:
@@ -135,6 +137,8 @@ def check_coverage(out: Path, plan: dict, complete: bool) -> list[str]:
             weight_map = read_json(out / INDEX)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             return problems + [f"{out / INDEX}: missing or unreadable ({type(e).__name__})"]
+        if not isinstance(weight_map, dict):
+            return problems + [f"{out / INDEX}: weight_map is not an object"]
         for t, shard in sorted(shard_of.items()):
             if weight_map.get(t) != shard:
                 problems.append(f"{out / INDEX}: {t} maps to {weight_map.get(t)}, it lives in {shard}")

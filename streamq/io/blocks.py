@@ -50,8 +50,8 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
             f"{ckpt.folder}: architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
     try:
         config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as e:
-        raise StreamqError(f"{ckpt.folder}/config.json: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers' config classes reject a field with
+        raise StreamqError(f"{ckpt.folder}/config.json: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
     config._attn_implementation = attn_implementation
     config.use_cache = False
     if len(set(getattr(config, "layer_types", None) or ["?"])) > 1:
@@ -60,8 +60,9 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise StreamqError(f"{ckpt.folder}/config.json: cannot build the model ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001 - a config transformers accepted but cannot build
+            raise StreamqError(f"{ckpt.folder}/config.json: cannot build the model "
+                               f"({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
     model.eval()
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from streamq.errors import StreamqError
 from streamq.config import QuantConfig
@@ -58,7 +58,9 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise StreamqError(f"{path}: corrupt safetensors header ({e.msg if hasattr(e, 'msg') else e})") from None
     if not isinstance(header, dict):
         raise StreamqError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise StreamqError(f"{path}: safetensors __metadata__ is not an object of strings")
     data_start = 8 + header_len
     expected = 0
     for name, entry in header.items():
@@ -181,10 +183,13 @@ class Checkpoint:
             return spqr_format.dequantize_spqr(parts, self.spqr_config).to(device)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        t = handle.get_tensor(name)
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+            t = handle.get_tensor(name)
+        except SafetensorError as e:  # the header was checked: the file changed under us
+            raise StreamqError(f"{info.file}: cannot read tensor {name} ({str(e)[:100]})") from None
         if self.digests is not None:  # the bytes as stored in the file: what a resume hashes again
             self.digests[name] = hashlib.sha256(_raw_bytes(t)).hexdigest()
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -238,9 +243,11 @@ def read_config(folder: Path) -> dict:
     if not path.exists():
         raise StreamqError(f"{path}: missing (a Hugging Face model folder needs config.json)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
         raise StreamqError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except ValueError:  # bytes that are not UTF-8
+        raise StreamqError(f"{path}: not valid JSON (not UTF-8 text)") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise StreamqError(f"{path}: lacks the field model_type")
     for field in SIZE_FIELDS:
