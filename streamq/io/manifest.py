@@ -92,6 +92,10 @@ def read_manifest(out: Path) -> dict:
         raise StreamqError(f"{path}: the written units {sorted(units)[:3]} disagree with next_block {n}")
     if manifest["complete"] and (n != n_blocks or "rest" not in units):
         raise StreamqError(f"{path}: says complete with {n} of {n_blocks} blocks written")
+    if any(k not in planned or planned[k]["begin"] is None for k in units):  # written units are laid out
+        raise StreamqError(f"{path}: a written unit has no place in the output plan")
+    if manifest["complete"] and any(None in (s["bytes"], s["header_sha256"]) for s in manifest["plan"]["shards"].values()):
+        raise StreamqError(f"{path}: says complete with shards not laid out")
     digests = manifest.get("source_sha256", {})
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         raise StreamqError(f"{path}: field 'source_sha256' is not an object of sha256 strings")
@@ -114,11 +118,12 @@ def _check_plan(plan: dict, path: Path) -> None:
     if not isinstance(shards, dict) or not isinstance(units, dict) or not isinstance(source, dict):
         fail("shards, units or source")
     for name, shard in shards.items():
-        if not _plain_name(name) or not isinstance(shard, dict) or not number(shard.get("bytes")) or \
-                not isinstance(shard.get("header_sha256"), (str, type(None))):
+        if not _plain_name(name) or not isinstance(shard, dict) or not {"bytes", "header_sha256"} <= set(shard) or \
+                not number(shard["bytes"]) or not isinstance(shard["header_sha256"], (str, type(None))):
             fail(f"shard {name[:80]!r}")
     for key, unit in units.items():
-        if not isinstance(unit, dict) or unit.get("shard") not in shards or not number(unit.get("begin")) or \
+        if not isinstance(unit, dict) or not {"begin", "end"} <= set(unit) or not isinstance(unit.get("shard"), str) \
+                or unit["shard"] not in shards or not number(unit["begin"]) or \
                 not number(unit.get("end")) or not isinstance(unit.get("tensors"), list) or \
                 not all(isinstance(t, str) for t in unit["tensors"]):
             fail(f"unit {key[:80]!r}")
