@@ -25,14 +25,16 @@ import torch
 
 import streamq
 from streamq.cli import main
+from streamq.interrupt import Interrupted
 from streamq.verify import verify
 from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FUZZ_SEED = int(os.environ.get("STREAMQ_FUZZ_SEED", "13"))
 # mutations per target; 520 in all
-PER_TARGET = {"source header": 120, "source config": 90, "source index": 40, "output manifest": 110,
-              "output quantization_config": 70, "output shard header": 60, "output index": 30}
+PER_TARGET = {"source header": 120, "source config": 90, "source index": 40, "output manifest": 80,
+              "interrupted manifest": 60, "output quantization_config": 70, "output shard header": 60,
+              "output index": 30}
 RTN = ["--method", "rtn", "--group-size", "32", "--no-progress"]
 ODD_VALUES = [None, True, False, 0, -1, 1, 3, 7, 99, 2**31, 2**63, -2**63, 1e300, float("nan"), "", "four", "F16",
               [], [0, 1], [-1], {}, {"a": 1}, "../outside.safetensors", "/etc/passwd"]
@@ -121,16 +123,19 @@ class Outcomes:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(source model in 2 shards with an index, its finished RTN output in 3 shards, the output's shard bytes,
-    reference logits of streamq.load(output) on fixed ids)."""
+    reference logits of streamq.load(output) on fixed ids, the same run stopped after block 1)."""
     tmp = tmp_path_factory.mktemp("fuzz")
     model = make_tiny_model(tmp / "m", "llama", n_layers=2, shards=2)
-    out = streamq.compress(model, tmp / "out", method="rtn", group_size=32, shard_size=30_000, progress=False)
+    run = dict(method="rtn", group_size=32, shard_size=30_000, progress=False)
+    out = streamq.compress(model, tmp / "out", **run)
+    with pytest.raises(Interrupted):
+        streamq.compress(model, tmp / "stopped", should_stop=lambda: True, **run)
     shards = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     assert len(shards) == 3
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = streamq.load(out)(ids).logits
-    return model, out, shards, ids, logits
+    return model, out, shards, ids, logits, tmp / "stopped"
 
 
 def loads_to_reference(out: Path, ids, logits) -> None:
@@ -139,7 +144,7 @@ def loads_to_reference(out: Path, ids, logits) -> None:
 
 
 def test_fuzz_everything_streamq_parses(world, tmp_path, capsys):
-    model, out0, shards, ids, ref_logits = world
+    model, out0, shards, ids, ref_logits, stopped = world
     rng = random.Random(FUZZ_SEED)
     outcomes, start = Outcomes(), time.perf_counter()
     capsys.readouterr()
@@ -156,6 +161,12 @@ def test_fuzz_everything_streamq_parses(world, tmp_path, capsys):
                     mutate_json_file(src / "model.safetensors.index.json", rng)
                 if outcomes.run(target, ["compress", src, case / "o", *RTN], capsys) == 0:
                     assert verify(case / "o") == [], (target, k)  # exit 0: a complete folder that verifies
+            elif target == "interrupted manifest":  # a resume reads it back: exit 0 only to the true output
+                out = Path(shutil.copytree(stopped, case / "o"))
+                mutate_json_file(out / "streamq_manifest.json", rng)
+                if outcomes.run(target, ["compress", model, out, *RTN, "--shard-size", "30000"], capsys) == 0:
+                    assert verify(out) == [], (target, k)
+                    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == shards
             else:
                 out = Path(shutil.copytree(out0, case / "o"))
                 if target == "output manifest":

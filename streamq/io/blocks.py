@@ -51,7 +51,7 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
     try:
         config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - whatever transformers' config classes reject a field with
-        raise StreamqError(f"{ckpt.folder}/config.json: {(str(e).strip() or type(e).__name__).splitlines()[0]}") from None
+        raise StreamqError(f"{ckpt.folder}/config.json: {first_line(e)}") from None
     config._attn_implementation = attn_implementation
     config.use_cache = False
     if len(set(getattr(config, "layer_types", None) or ["?"])) > 1:
@@ -61,8 +61,7 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - a config transformers accepted but cannot build
-            raise StreamqError(f"{ckpt.folder}/config.json: cannot build the model "
-                               f"({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
+            raise StreamqError(f"{ckpt.folder}/config.json: cannot build the model ({first_line(e)})") from None
     model.eval()
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
@@ -72,6 +71,11 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
     layout = ModelLayout(config, model, decoder, layers, prefix)
     check_against_config(ckpt, layout)
     return layout
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message as one line (its type when the message is empty)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelLayout,

@@ -94,7 +94,13 @@ def read_manifest(out: Path) -> dict:
         raise StreamqError(f"{path}: says complete with {n} of {n_blocks} blocks written")
     if any(k not in planned or planned[k]["begin"] is None for k in units):  # written units are laid out
         raise StreamqError(f"{path}: a written unit has no place in the output plan")
-    if manifest["complete"] and any(None in (s["bytes"], s["header_sha256"]) for s in manifest["plan"]["shards"].values()):
+    for k, block in blocks.items():  # what the report and a SpQR resume read back
+        layers = block.get("layers") if isinstance(block, dict) else None
+        if not isinstance(layers, dict) or not _real(block.get("seconds")) or not all(
+                isinstance(r, dict) and _real(r.get("error")) and _count(r.get("n_outliers", 0)) for r in layers.values()):
+            raise StreamqError(f"{path}: the record of block {k} is malformed")
+    shards = manifest["plan"]["shards"].values()
+    if manifest["complete"] and any(None in (s["bytes"], s["header_sha256"]) for s in shards):
         raise StreamqError(f"{path}: says complete with shards not laid out")
     digests = manifest.get("source_sha256", {})
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
@@ -131,6 +137,14 @@ def _check_plan(plan: dict, path: Path) -> None:
             fail(f"unit {key[:80]!r}")
     if not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in source.values()):
         fail("source map")
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _plain_name(name: str) -> bool:
