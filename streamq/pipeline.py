@@ -313,8 +313,11 @@ def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:
 
 def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, writer: ShardWriter,
                          manifest: dict) -> None:
-    """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports."""
+    """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports
+    (which must record exactly the block's Linears)."""
     for i in map(int, manifest["blocks"]):
+        if set(manifest["blocks"][str(i)]["layers"]) != set(layout.block_linears(i)):
+            raise StreamqError(f"{writer.folder}: {MANIFEST} records other layers for block {i}; use --restart")
         if writer.units[f"block.{i}"].sized_by_data:
             counts = {n: r["n_outliers"] for n, r in manifest["blocks"][str(i)]["layers"].items()}
             writer.settle(block_unit(layout, ckpt, cfg, i, counts))
