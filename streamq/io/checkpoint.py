@@ -268,6 +268,10 @@ def check_quantization_config(path: Path, q) -> None:
     """config.json's quantization_config as streamq writes it: gptq or spqr, packable bits, a valid group size."""
     if not isinstance(q, dict) or q.get("quant_method") not in ("gptq", "spqr"):
         raise StreamqError(f"{path}: quantization_config is not a gptq or spqr one")
+    for field in ("bits", "group_size", "qq_scale_bits", "qq_zero_bits", "qq_groupsize"):
+        v = q.get(field, 0)
+        if not (v is None and field.startswith("qq_")) and (not isinstance(v, int) or isinstance(v, bool)):
+            raise StreamqError(f"{path}: quantization_config {field} is {str(v)[:40]}, not an integer")
     try:
         if q["quant_method"] == "spqr":
             spqr_format.config_from_quantization_config(q)
