@@ -6,7 +6,7 @@ numbers), and compress / verify / load / eval run in-process through `streamq.cl
   - never a wrong result called good: a compress that exits 0 leaves a folder `verify` passes whose shards
     are the unmutated run's bytes (output mutations) or that verifies (source mutations); a folder verify
     passes loads to the reference logits.
-Seeded (FUZZ_SEED), MUTATIONS in all; prints the outcomes by class.
+Seeded (STREAMQ_FUZZ_SEED, default 13), 550 mutations in all; prints the outcomes by class.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FUZZ_SEED = int(os.environ.get("STREAMQ_FUZZ_SEED", "13"))
-# mutations per target; 520 in all
+# mutations per target; 550 in all
 PER_TARGET = {"source header": 120, "source config": 90, "source index": 40, "output manifest": 80,
               "interrupted manifest": 60, "output quantization_config": 70, "output shard header": 60,
               "output index": 30}
