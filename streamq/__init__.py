@@ -60,15 +60,19 @@ def _configs(method: str, preset: str | None, kwargs: dict):
     return cfg, opts
 
 
-def evaluate(model, data, seqlen: int = 2048, **kwargs) -> float:
-    """Streaming perplexity of a source or streamq output folder on a text file."""
+def evaluate(model, data, seqlen: int = 2048, allow_incomplete: bool = False, **kwargs) -> float:
+    """Streaming perplexity of a source or streamq output folder on a text file (an unfinished output, or one a
+    compress run is writing, is refused unless allow_incomplete)."""
+    from streamq.io.manifest import reading
     from streamq.perplexity import perplexity
 
-    return perplexity(model, data, seqlen, **kwargs)
+    with reading(model, allow_incomplete):
+        return perplexity(model, data, seqlen, **kwargs)
 
 
 def load(folder, **kwargs):
-    """A transformers model whose Linears dequantize a streamq (GPTQ or SpQR) folder's weights on the fly."""
+    """A transformers model whose Linears dequantize a streamq (GPTQ or SpQR) folder's weights on the fly
+    (allow_incomplete=True: read an unfinished or manifest-less folder too)."""
     from streamq.loading import load_quantized
 
     return load_quantized(folder, **kwargs)

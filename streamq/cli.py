@@ -117,12 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="only the first N windows")
     _add_compute_flags(e, offload_default="ram")
     e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.add_argument("--allow-incomplete", action="store_true", help="read an unfinished or manifest-less folder")
 
     g = sub.add_parser("generate", help="greedy continuation by a compressed model")
     g.add_argument("model")
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--allow-incomplete", action="store_true", help="read an unfinished or manifest-less folder")
 
     v = sub.add_parser("verify", help="check an output folder against its manifest: every shard byte, every tensor")
     v.add_argument("out", help="a streamq output folder")
@@ -150,8 +152,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             try:
                 out = streamq.compress(args.model, args.out, should_stop=stop, **kwargs)
             except Interrupted as e:
+                again = [a for a in argv if a not in ("--restart", "--no-resume")]  # these would restart / refuse
                 print(f"streamq: {e} on {signal.Signals(stop.signum).name}; to resume, run the same command again: "
-                      f"streamq {shlex.join(argv)}", file=sys.stderr)
+                      f"streamq {shlex.join(again)}", file=sys.stderr)
                 return stop.exit_code
         print(f"wrote {out}")
     elif args.command == "plan":
@@ -171,12 +174,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{args.out}: ok")
     elif args.command == "eval":
         ppl = streamq.evaluate(args.model, args.data, args.seqlen, max_windows=args.max_windows, device=args.device,
-                               dtype=args.dtype, offload=args.offload, progress=args.progress)
+                               dtype=args.dtype, offload=args.offload, progress=args.progress,
+                               allow_incomplete=args.allow_incomplete)
         print(f"perplexity {ppl:.4f}")
     elif args.command == "generate":
         from streamq.loading import generate
 
-        print(args.prompt + generate(args.model, args.prompt, args.max_new_tokens, args.device))
+        print(args.prompt + generate(args.model, args.prompt, args.max_new_tokens, args.device,
+                                     allow_incomplete=args.allow_incomplete))
     elif args.command == "demo":
         from streamq.demo import run_demo
 

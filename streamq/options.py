@@ -8,6 +8,7 @@ from streamq.errors import StreamqError
 
 MANIFEST = "streamq_manifest.json"
 REPORT = "streamq_report.json"
+INDEX = "model.safetensors.index.json"
 WORK_DIR = ".streamq-work"  # inside the output folder: the activation store while a run is unfinished
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -1,6 +1,7 @@
 """compress(): the only loop over decoder blocks, and the only place the pieces are tied together."""
 from __future__ import annotations
 
+import logging
 import resource
 import shutil
 import time
@@ -18,19 +19,19 @@ from streamq.calib.data import calibration_windows, token_hash
 from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
 from streamq.device import peak_vram, reset_peak_vram, resolve_device, resolve_dtype
-from streamq.errors import OtherRunError, StreamqError
+from streamq.errors import StreamqError
 from streamq.fallback import CPU, attempt_dtype, with_fallback
 from streamq.formats import spqr as spqr_format
 from streamq.formats.gptq import pack_gptq, packed_shapes
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
-from streamq.io.manifest import read_json, write_json_atomic
+from streamq.io.manifest import open_output, write_json_atomic, writer_lock
 from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.methods import get_method
-from streamq.options import DEFAULT_CALIB, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
+from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.progress import BlockProgress
 from streamq.tokenizer import load_tokenizer
 from streamq.quant.grid import check_group_size
@@ -121,39 +122,15 @@ def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> dict[
     return {name: packed.get(name, [name]) for name in ckpt.names()}
 
 
-def open_output(out: Path, fp: dict, plan: dict, resume: str) -> dict:
-    """Create, resume or refuse the output folder. Returns the manifest to continue from.
-
-    plan: the output layout (shards, units, source map), recorded once in a fresh manifest."""
-    manifest_path = out / MANIFEST
-    fresh = {"fingerprint": fp, "plan": plan, "next_block": 0, "slot": "a", "units": {}, "blocks": {},
-             "complete": False}
-    # A run killed while writing its first manifest leaves only that file's temporary: still an empty folder.
-    if out.exists() and {p.name for p in out.iterdir()} - {MANIFEST + ".tmp"}:
-        if not manifest_path.exists():
-            raise StreamqError(f"{out}: folder exists and is not a streamq output; choose an empty or new folder")
-        if resume == "never":
-            raise StreamqError(f"{out}: holds an earlier run; remove it, or drop --no-resume to continue it")
-        if resume == "restart":  # the manifest goes last (replaced below), so a killed restart can be restarted
-            for p in out.iterdir():
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.name != MANIFEST:
-                    p.unlink()
-        else:
-            manifest = read_json(manifest_path)
-            changed = [k for k in fp if manifest["fingerprint"].get(k) != fp[k]]
-            if changed:
-                raise OtherRunError(f"{out}: belongs to another run ({', '.join(changed)} changed); "
-                                   "use --restart to discard it or choose another folder")
-            return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest_path, fresh)
-    return fresh
-
-
 def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(), opts: RunOptions = RunOptions(),
              should_stop: Callable[[], bool] = lambda: False) -> Path:
+    """compress_locked() holding OUT's writer lock: one run per output folder at a time."""
+    with writer_lock(Path(out)):
+        return compress_locked(model, out, cfg, opts, should_stop)
+
+
+def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: RunOptions,
+                    should_stop: Callable[[], bool]) -> Path:
     """Compress the model folder `model` into the GPTQ-format folder `out`, one decoder block at a time.
 
     1. Open the source: safetensors headers checked, skeleton built on the meta device, every layer checked
@@ -169,7 +146,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
     """
     out = Path(out)
-    ckpt = Checkpoint(model)  # 1
+    ckpt = Checkpoint(model, hash_reads=True)  # 1
     layout = build_layout(ckpt)
     units = plan_units(layout, ckpt, cfg)
     writer = ShardWriter(out, plan_shards(units, opts.shard_size))
@@ -180,16 +157,22 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     if get_method(cfg.method).calibrated:
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
+        longest = ckpt.config.get("max_position_embeddings")
+        if longest and opts.seqlen > longest:  # rotary models run past it, but on positions never trained
+            logging.getLogger("streamq").warning(f"warning: --seqlen {opts.seqlen} exceeds the model's "
+                                                 f"max_position_embeddings {longest}")
 
     plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg)}
-    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, opts.resume)  # 3
+    files = [*writer.names, *(n + ".partial" for n in writer.names), INDEX, "config.json", REPORT, WORK_DIR,
+             *TOKENIZER_FILES]
+    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, files, opts.resume)  # 3
+    ckpt.check_digests(manifest.get("source_sha256", {}) if not manifest["complete"] else {})
+    settle_written_units(layout, ckpt, cfg, writer, manifest)
+    check_written_units(writer, manifest, plan["source"])
     if manifest["complete"]:
         if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         return out
-    writer.folder.mkdir(parents=True, exist_ok=True)
-    settle_written_units(layout, ckpt, cfg, writer, manifest)
-    check_written_units(writer, manifest)
     readahead = Prefetcher(ckpt)  # block i + 1's weights are read while block i computes
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
@@ -226,6 +209,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
             seconds = time.perf_counter() - start
             manifest["blocks"][str(i)] = {"layers": layers, "seconds": seconds, "io_wait_seconds": io_wait,
                                           "peak_vram_bytes": peak_vram(device)}
+            manifest.setdefault("source_sha256", {}).update(ckpt.digests)  # what a resume must find unchanged
             manifest["next_block"] = i + 1
             writes.submit(lambda i=i, tensors=tensors: record_block(out, writer, manifest, i, tensors))
             del tensors
@@ -270,15 +254,22 @@ def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:
 
 def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, writer: ShardWriter,
                          manifest: dict) -> None:
-    """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports."""
+    """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports
+    (which must record exactly the block's Linears)."""
     for i in map(int, manifest["blocks"]):
+        if set(manifest["blocks"][str(i)]["layers"]) != set(layout.block_linears(i)):
+            raise StreamqError(f"{writer.folder}: {MANIFEST} records other layers for block {i}; use --restart")
         if writer.units[f"block.{i}"].sized_by_data:
             counts = {n: r["n_outliers"] for n, r in manifest["blocks"][str(i)]["layers"].items()}
             writer.settle(block_unit(layout, ckpt, cfg, i, counts))
 
 
-def check_written_units(writer: ShardWriter, manifest: dict) -> None:
-    """On resume, every unit the manifest calls done must still hash the same on disk."""
+def check_written_units(writer: ShardWriter, manifest: dict, source: dict) -> None:
+    """On resume (or a re-run of a finished run), the manifest's output plan must be this run's, and every unit
+    it calls done must still hash the same on disk."""
+    if manifest["plan"] != {**writer.plan(), "source": source}:
+        raise StreamqError(f"{writer.folder}: the output plan in {MANIFEST} differs from this run's (edited or "
+                           "damaged); use --restart")
     for key, digest in manifest["units"].items():
         if writer.unit_digest(key) != digest:
             raise StreamqError(f"{writer.folder}: the bytes of {key} on disk do not match the manifest "
@@ -322,12 +313,13 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
 
     if "rest" not in manifest["units"]:
         manifest["units"]["rest"] = writer.write_unit("rest", {n: ckpt.get(n) for n in non_block_names(layout, ckpt)})
+        manifest.setdefault("source_sha256", {}).update(ckpt.digests or {})
         write_json_atomic(out / MANIFEST, manifest)
     for name in TOKENIZER_FILES:
         if (ckpt.folder / name).exists():
             write_bytes_atomic(out / name, (ckpt.folder / name).read_bytes())
     if len(writer.names) > 1:
-        write_json_atomic(out / "model.safetensors.index.json",
+        write_json_atomic(out / INDEX,
                           {"metadata": {"total_size": writer.total_size()}, "weight_map": writer.weight_map()})
     config = dict(ckpt.config)
     config["quantization_config"] = quantization_config(cfg)

@@ -148,6 +148,10 @@ def fmt_size(n: int | None) -> str:
     """Bytes as a --max-* value, rounded up so that the text parsed back is at least n: 612MB, 1.24GB."""
     if n is None:
         return "-"
+    if n < 10**3:
+        return f"{n}B"
+    if n < 10**6:
+        return f"{math.ceil(n / 10**3)}kB"
     if n < 10**9:
         return f"{math.ceil(n / 10**6)}MB"
     return f"{math.ceil(n / 10**7) / 100:.2f}GB"

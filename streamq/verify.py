@@ -11,26 +11,29 @@ import json
 from pathlib import Path
 
 from streamq.errors import StreamqError
-from streamq.io.checkpoint import read_header
-from streamq.io.manifest import read_json
+from streamq.io.checkpoint import read_config, read_header
+from streamq.io.manifest import read_json, read_manifest, reader_lock
+from streamq.options import INDEX, MANIFEST
 from streamq.io.writer import file_digest
-from streamq.options import MANIFEST
 
-INDEX = "model.safetensors.index.json"
 
 
 def verify(out: str | Path) -> list[str]:
-    """Problems found in the output folder `out`, one line each; an empty list when all is well."""
+    """Problems found in the output folder `out`, one line each; an empty list when all is well. A folder
+    that a compress run is writing is refused (StreamqError)."""
     out = Path(out)
-    try:
-        manifest = read_json(out / MANIFEST)
-    except FileNotFoundError:
+    with reader_lock(out):
+        return _verify(out)
+
+
+def _verify(out: Path) -> list[str]:
+    if not (out / MANIFEST).exists():
         return [f"{out}: no {MANIFEST}; not a streamq output folder"]
-    except json.JSONDecodeError as e:
-        return [f"{out / MANIFEST}: not valid JSON ({e.msg})"]
-    plan = manifest.get("plan")
-    if plan is None:
-        return [f"{out / MANIFEST}: records no output plan (an older streamq wrote it); cannot verify"]
+    try:
+        manifest = read_manifest(out)
+    except StreamqError as e:
+        return [str(e)]
+    plan = manifest["plan"]
     complete = manifest.get("complete") is True
     problems = []
     if not complete:
@@ -40,7 +43,38 @@ def verify(out: str | Path) -> list[str]:
                         "re-run its compress command to finish it")
     problems += check_bytes(out, plan, manifest["units"], complete)
     problems += check_coverage(out, plan, complete)
+    if complete and not problems:
+        problems += check_config(out, manifest["fingerprint"].get("method"))
     return problems
+
+
+def check_config(out: Path, method) -> list[str]:
+    """config.json's quantization_config: the one the run's recorded method implies (format, bits, group size,
+    act-order, symmetry), and one that fits the tensors (every quantized Linear's packed tensors present with the
+    shapes and dtypes it implies; checked by building the model skeleton from config.json)."""
+    from streamq.io.blocks import build_layout
+    from streamq.io.checkpoint import Checkpoint
+
+    path = out / "config.json"
+    try:
+        q = read_config(out).get("quantization_config")
+    except StreamqError as e:
+        return [str(e)]
+    if not isinstance(q, dict):
+        return [f"{path}: has no quantization_config (the folder would read as an unquantized model)"]
+    method = method if isinstance(method, dict) else {}
+    spqr = method.get("method") == "spqr"
+    want = {"quant_method": "spqr" if spqr else "gptq", "checkpoint_format": "streamq-spqr" if spqr else "gptq",
+            "bits": method.get("bits"),
+            "group_size": method.get("group_size"), "desc_act": method.get("act_order"), "sym": method.get("sym")}
+    for key, value in want.items():
+        if q.get(key) != value:
+            return [f"{path}: quantization_config {key} is {q.get(key)!r}, the run used {value!r}"]
+    try:
+        build_layout(Checkpoint(out))
+    except StreamqError as e:
+        return [str(e)]
+    return []
 
 
 def check_bytes(out: Path, plan: dict, digests: dict[str, str], complete: bool) -> list[str]:
@@ -103,6 +137,8 @@ def check_coverage(out: Path, plan: dict, complete: bool) -> list[str]:
             weight_map = read_json(out / INDEX)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             return problems + [f"{out / INDEX}: missing or unreadable ({type(e).__name__})"]
+        if not isinstance(weight_map, dict):
+            return problems + [f"{out / INDEX}: weight_map is not an object"]
         for t, shard in sorted(shard_of.items()):
             if weight_map.get(t) != shard:
                 problems.append(f"{out / INDEX}: {t} maps to {weight_map.get(t)}, it lives in {shard}")

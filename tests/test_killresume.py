@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def install(job):
     wrap(ActivationStore, "flush", lambda *a: event("store.flush"))
     wrap(os, "replace", rename_kind)
     wrap(shutil, "rmtree", lambda *a, **k: event("rmtree"))
+    wrap(os, "unlink", lambda *a, **k: event("unlink"))
     wrap(B, "load_block", block_start)
     original_finish = P.finish
     def finish(*a):
@@ -170,11 +172,9 @@ class ForkServer:
         self.proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """(server, argv(out), a temp folder, the uninterrupted reference run's snapshot, its events as
-    [kind, phase] pairs, its seconds)."""
-    tmp = tmp_path_factory.mktemp("killresume")
+def make_harness(tmp: Path, flags: list[str]):
+    """(server, argv(out), tmp, the uninterrupted reference run's snapshot, its events as [kind, phase] pairs,
+    its seconds) for compress runs with `flags`."""
     model = make_tiny_model(tmp / "m", "llama", n_layers=N_BLOCKS, shards=2)
     (tmp / "logs").mkdir()
     server = ForkServer(model, tmp / "logs")
@@ -182,7 +182,7 @@ def harness(tmp_path_factory):
     def argv(out: Path) -> list[str]:
         return ["compress", str(model), str(out), "--calib", str(model / "calib.txt"), "--nsamples", "2",
                 "--seqlen", "16", "--group-size", "32", "--shard-size", "60000", "--offload", "disk",
-                "--no-progress", "--device", "cpu"]
+                "--no-progress", "--device", "cpu", *flags]
 
     server.start(argv(tmp / "ref"), events=str(tmp / "events.json"))
     start = time.perf_counter()
@@ -190,8 +190,28 @@ def harness(tmp_path_factory):
     seconds = time.perf_counter() - start
     ref = output_snapshot(tmp / "ref")
     assert len([n for n in ref if n.endswith(".safetensors")]) >= 3  # several output shards
-    yield server, argv, tmp, ref, json.loads((tmp / "events.json").read_text()), seconds
-    server.close()
+    return server, argv, tmp, ref, json.loads((tmp / "events.json").read_text()), seconds
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """GPTQ runs (see make_harness)."""
+    h = make_harness(tmp_path_factory.mktemp("killresume"), [])
+    yield h
+    h[0].close()
+
+
+# AutoRound (a few iterations: the kill points are in the bookkeeping, not the tuning loop) and SpQR (data-sized
+# shards laid out from the manifest's outlier counts on resume).
+OTHER_METHODS = {"autoround": ["--method", "autoround", "--iters", "4"], "spqr": ["--method", "spqr"]}
+OTHER_KILLS = 20  # per method; one kill point costs about one tiny run (~0.5 s idle, 1-2 s on a loaded 2-core box)
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_METHODS))
+def method_harness(request, tmp_path_factory):
+    h = make_harness(tmp_path_factory.mktemp(f"killresume-{request.param}"), OTHER_METHODS[request.param])
+    yield h
+    h[0].close()
 
 
 def category(kind: str, phase: str) -> str:
@@ -225,16 +245,18 @@ def draw_kill(rng: random.Random, todo: list, left: list) -> tuple[list, str] | 
     return None
 
 
-def test_kill_anywhere_then_resume_is_byte_identical(harness):
+def kill_chains(harness, n_kills: int, seed: int) -> None:
+    """Chains of up to CHAIN kills on one folder, each drawn from the work left, then a plain run; every folder
+    must end byte-identical to the reference, until n_kills kills were made and every category was hit."""
     server, argv, tmp, ref, events, _ = harness
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     categories = sorted({category(k, p) for k, p in events})
     todo = categories.copy()
     rng.shuffle(todo)
     tried = resumed = identical = 0
     kinds = Counter()
     for chain in range(40):
-        if tried >= KILLS and set(kinds) == set(categories):
+        if tried >= n_kills and set(kinds) == set(categories):
             break
         out = tmp / f"chain{chain}"
         kills = []
@@ -259,8 +281,53 @@ def test_kill_anywhere_then_resume_is_byte_identical(harness):
         identical += len(kills)
     print(f"\ninjected kill points: tried {tried}, resumed {resumed}, identical {identical}; by category: "
           + ", ".join(f"{c} {n}" for c, n in sorted(kinds.items())))
-    assert tried >= 20 and resumed == identical == tried
+    assert tried >= n_kills and resumed == identical == tried
     assert set(kinds) == set(categories)  # every kind of write, in every phase it occurs in
+
+
+def test_kill_anywhere_then_resume_is_byte_identical(harness):
+    kill_chains(harness, KILLS, SEED)
+
+
+def test_autoround_and_spqr_killed_anywhere_resume_byte_identical(method_harness):
+    kill_chains(method_harness, OTHER_KILLS, SEED + 2)
+
+
+RESTART_KILLS = 20
+
+
+def without_options(snap: dict) -> dict:
+    """A snapshot without the report's "options" (a run that finished a --restart records resume="restart")."""
+    report = json.loads(snap["streamq_report.json"])
+    report.pop("options")
+    return {**snap, "streamq_report.json": report}
+
+
+def test_kill_during_restart_then_plain_run_is_byte_identical(harness):
+    """`--restart` over a finished folder (plus a file that is not streamq's) SIGKILLed at any of its events, then
+    the plain command: the same output as the reference, the foreign file still there, never an early success."""
+    server, argv, tmp, ref, _, _ = harness
+    shutil.copytree(tmp / "ref", tmp / "restart-log")
+    assert server.run(argv(tmp / "restart-log") + ["--restart"], events=str(tmp / "restart-events.json")) == 0
+    events = json.loads((tmp / "restart-events.json").read_text())
+    rng = random.Random(SEED + 3)
+    todo = sorted({category(k, p) for k, p in events})
+    rng.shuffle(todo)
+    kinds = Counter()
+    for n in range(RESTART_KILLS):
+        out = Path(shutil.copytree(tmp / "ref", tmp / f"restart{n}"))
+        (out / "notes.txt").write_text("not streamq's")
+        spec, cat = draw_kill(rng, todo, events)
+        rc = server.run(argv(out) + ["--restart"], kill=spec)
+        assert rc == -signal.SIGKILL, f"kill {spec}: exit {rc}\n{server.stderr.read_text()[-3000:]}"
+        kinds[cat] += 1
+        assert server.run(argv(out)) == 0, f"after kill {spec}:\n{server.stderr.read_text()[-3000:]}"
+        assert (out / "notes.txt").read_text() == "not streamq's"
+        got = {k: v for k, v in output_snapshot(out).items() if k != "notes.txt"}
+        assert without_options(got) == without_options(ref), f"kill {spec}: {[k for k in ref if got.get(k) != ref[k]]}"
+        assert verify(out) == []
+    print(f"\n--restart kill points: {RESTART_KILLS}, all resumed identical; by category: "
+          + ", ".join(f"{c} {n}" for c, n in sorted(kinds.items())))
 
 
 def test_timer_sigkill_then_resume_is_byte_identical(harness):

@@ -79,8 +79,10 @@ def _load_file(path: str) -> list[str]:
 def parse_calib_spec(spec: str) -> list[CalibSource]:
     """Parse ``PATH[:num=N][:concat=True|False]`` sources joined by commas.
 
-    Paths containing ':' or ',' are not supported (they would be read as option separators).
+    A spec naming an existing file or folder is that one path, even when it contains ':' or ','.
     """
+    if os.path.exists(spec):
+        return [CalibSource(spec)]
     sources = []
     for part in spec.split(","):
         path, *options = [s.strip() for s in part.strip().split(":")]

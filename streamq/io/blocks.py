@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from streamq.errors import StreamqError
-from streamq.io.checkpoint import Checkpoint
+from streamq.io.checkpoint import Checkpoint, check_against_config
 
 # Accepted architectures (config.model_type); tests compress llama, qwen2, qwen3 and opt; mistral (llama's module
 # structure) is accepted untested. Others with the same module structure may work but are refused.
@@ -51,8 +51,8 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
             f"{ckpt.folder}: architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
     try:
         config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as e:
-        raise StreamqError(f"{ckpt.folder}/config.json: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers' config classes reject a field with
+        raise StreamqError(f"{ckpt.folder}/config.json: {first_line(e)}") from None
     config._attn_implementation = attn_implementation
     config.use_cache = False
     if len(set(getattr(config, "layer_types", None) or ["?"])) > 1:
@@ -61,15 +61,22 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str = "sdpa") -> ModelLa
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise StreamqError(f"{ckpt.folder}/config.json: cannot build the model ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # noqa: BLE001 - a config transformers accepted but cannot build
+            raise StreamqError(f"{ckpt.folder}/config.json: cannot build the model ({first_line(e)})") from None
     model.eval()
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise StreamqError(f"{ckpt.folder}: {type(decoder).__name__} has no .layers list of decoder blocks")
     prefix = next(name for name, m in model.named_modules() if m is layers) + "."
-    return ModelLayout(config, model, decoder, layers, prefix)
+    layout = ModelLayout(config, model, decoder, layers, prefix)
+    check_against_config(ckpt, layout)
+    return layout
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message as one line (its type when the message is empty)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelLayout,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from streamq.errors import StreamqError
 from streamq.config import QuantConfig
@@ -27,6 +27,7 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -55,13 +56,17 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StreamqError(f"{path}: corrupt safetensors header ({e.msg if hasattr(e, 'msg') else e})") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise StreamqError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise StreamqError(f"{path}: safetensors __metadata__ is not an object of strings")
     data_start = 8 + header_len
     expected = 0
+    for name, entry in header.items():
+        _check_entry(path, name, entry)
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         begin, end = entry["data_offsets"]
-        if entry["dtype"] not in DTYPES:
-            raise StreamqError(f"{path}: tensor {name} has dtype {entry['dtype']}, which streamq cannot use")
         numel = 1
         for d in entry["shape"]:
             numel *= d
@@ -75,11 +80,29 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
+def _check_entry(path: Path, name: str, entry) -> None:
+    """One header entry: {"dtype": known name, "shape": [non-negative ints], "data_offsets": [begin, end] ints}."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+    if not isinstance(entry, dict):
+        raise StreamqError(f"{path}: header entry of tensor {name} is not an object")
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
+        raise StreamqError(f"{path}: tensor {name} has dtype {entry.get('dtype')}, which streamq cannot use")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(count(d) for d in shape):
+        raise StreamqError(f"{path}: tensor {name} has shape {str(shape)[:60]}, not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(count(d) for d in offsets):
+        raise StreamqError(f"{path}: tensor {name} has data_offsets {str(offsets)[:60]}, not [begin, end]")
+
+
 class Checkpoint:
     """Tensor name -> TensorInfo over all shards of a model folder; tensors are read lazily by name."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, hash_reads: bool = False):
+        """hash_reads: record the sha256 of every tensor `get` reads (name -> hex) in self.digests."""
         self.folder = Path(folder)
+        self.digests: dict[str, str] | None = {} if hash_reads else None
         if not self.folder.is_dir():
             raise StreamqError(f"{self.folder}: model folder not found")
         self.config = read_config(self.folder)
@@ -98,9 +121,11 @@ class Checkpoint:
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise StreamqError(f"{index}: not a safetensors index ({e})") from None
+                weight_map = json.loads(index.read_bytes())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise StreamqError(f"{index}: not a safetensors index ({type(e).__name__}: {str(e)[:80]})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise StreamqError(f"{index}: weight_map is not an object of tensor name -> shard file")
             files = [self.folder / f for f in sorted(set(weight_map.values()))]
         else:
             files = sorted(self.folder.glob("*.safetensors"))
@@ -111,8 +136,12 @@ class Checkpoint:
                     f"{self.folder}: only pickle checkpoints ({', '.join(pickles)}); streamq reads safetensors only, "
                     "because loading a pickle can run arbitrary code")
             raise StreamqError(f"{self.folder}: no *.safetensors files")
+        inside = self.folder.resolve()
         for f in files:
-            if not f.exists():
+            if f.resolve() != inside / f.name or f.parent.resolve() != inside:
+                raise StreamqError(f"{f}: shard file outside the model folder {self.folder} (a model folder must be "
+                                   "self-contained: no '..', absolute paths or symlinks leaving it)")
+            if not f.is_file():
                 raise StreamqError(f"{f}: shard named in the index is missing")
         return files
 
@@ -154,10 +183,15 @@ class Checkpoint:
             return spqr_format.dequantize_spqr(parts, self.spqr_config).to(device)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        t = handle.get_tensor(name)
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+            t = handle.get_tensor(name)
+        except SafetensorError as e:  # the header was checked: the file changed under us
+            raise StreamqError(f"{info.file}: cannot read tensor {name} ({str(e)[:100]})") from None
+        if self.digests is not None:  # the bytes as stored in the file: what a resume hashes again
+            self.digests[name] = hashlib.sha256(_raw_bytes(t)).hexdigest()
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise StreamqError(f"{info.file.name}: tensor {name} contains NaN or Inf")
         return t.to(device)
@@ -165,6 +199,15 @@ class Checkpoint:
     def close(self) -> None:
         """Drop the memory maps: pages read through them would otherwise stay counted in RSS."""
         self._handles.clear()
+
+    def check_digests(self, digests: dict[str, str]) -> None:
+        """Hash again every tensor in digests (name -> sha256 recorded when an earlier run read it), straight from
+        the files; raise StreamqError naming the first one, in file order, that is gone or whose bytes changed."""
+        order = sorted(digests, key=lambda n: self.byte_range(n)[:2] if n in self.tensors else (Path(), -1))
+        for name in order:
+            if name not in self.tensors or file_sha256(*self.byte_range(name)) != digests[name]:
+                raise StreamqError(f"{self.folder}: tensor {name} changed since the interrupted run read it "
+                                   "(another model under the same names?); use --restart to compress it anew")
 
     def byte_range(self, name: str) -> tuple[Path, int, int]:
         """(file, first byte, end byte) of a stored tensor within its shard file."""
@@ -176,14 +219,113 @@ class Checkpoint:
         return info.end - info.begin
 
 
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as safetensors stores them (C order, native little-endian)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def file_sha256(path: Path, begin: int, end: int, chunk: int = 1 << 24) -> str:
+    """sha256 of bytes [begin, end) of a file, read `chunk` bytes at a time (fewer when the file is shorter)."""
+    digest, buf = hashlib.sha256(), bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(begin)
+        while begin < end:
+            n = f.readinto(memoryview(buf)[:min(chunk, end - begin)])
+            if not n:
+                break
+            digest.update(memoryview(buf)[:n])
+            begin += n
+    return digest.hexdigest()
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
         raise StreamqError(f"{path}: missing (a Hugging Face model folder needs config.json)")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
         raise StreamqError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    except ValueError:  # bytes that are not UTF-8
+        raise StreamqError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise StreamqError(f"{path}: lacks the field model_type")
+    for field in SIZE_FIELDS:
+        v = config.get(field)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 1 << 31):
+            raise StreamqError(f"{path}: {field} is {str(v)[:40]}, not a positive integer")
+    if "quantization_config" in config:
+        check_quantization_config(path, config["quantization_config"])
     return config
+
+
+# config.json sizes streamq (or transformers for it) reads; each must be a positive integer when present.
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "head_dim", "ffn_dim", "word_embed_proj_dim")
+
+
+def check_quantization_config(path: Path, q) -> None:
+    """config.json's quantization_config as streamq writes it: gptq or spqr, packable bits, a valid group size."""
+    if not isinstance(q, dict) or q.get("quant_method") not in ("gptq", "spqr"):
+        raise StreamqError(f"{path}: quantization_config is not a gptq or spqr one")
+    for field in ("bits", "group_size", "qq_scale_bits", "qq_zero_bits", "qq_groupsize"):
+        v = q.get(field, 0)
+        if not (v is None and field.startswith("qq_")) and (not isinstance(v, int) or isinstance(v, bool)):
+            raise StreamqError(f"{path}: quantization_config {field} is {str(v)[:40]}, not an integer")
+    try:
+        if q["quant_method"] == "spqr":
+            spqr_format.config_from_quantization_config(q)
+        else:
+            QuantConfig(method="rtn", bits=q["bits"], group_size=q["group_size"], sym=q.get("sym", True) is True)
+    except (StreamqError, KeyError, TypeError, ValueError) as e:
+        raise StreamqError(f"{path}: quantization_config: {type(e).__name__ if not str(e) else str(e)[:120]}") from None
+
+
+def check_against_config(ckpt: Checkpoint, layout) -> None:
+    """config.json against the checkpoint: the block count, and every parameter of the model the config builds
+    (a ModelLayout's meta skeleton) present with the shape the config implies; in a GPTQ/SpQR folder a block
+    Linear's weight stands as its packed tensors, with the shapes the quantization_config implies."""
+    where = f"{ckpt.folder / 'config.json'}"
+    prefix, n = layout.layers_prefix, layout.n_blocks
+    found = {name[len(prefix):].split(".", 1)[0] for name in ckpt.tensors if name.startswith(prefix)}
+    extra = sorted(b for b in found if not (b.isdigit() and int(b) < n))
+    if extra:
+        raise StreamqError(f"{where}: num_hidden_layers {n}, but the checkpoint also holds {prefix}{extra[0]} "
+                           f"({len(found)} blocks)")
+    tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
+    linears = {f"{layout.block_prefix(i)}{k}.weight": m for i in range(n) for k, m in layout.block_linears(i).items()}
+    for name, p in layout.model.named_parameters():
+        if name in linears and name not in ckpt.tensors and (ckpt.gptq_bits or ckpt.spqr_config):
+            _check_packed(ckpt, name.removesuffix("weight"), linears[name], where)
+        elif name not in ckpt.tensors:
+            if name in tied and getattr(layout.config, "tie_word_embeddings", False):
+                continue
+            raise StreamqError(f"{where}: num_hidden_layers {n} / the config implies tensor {name}, which is missing "
+                               "from the checkpoint")
+        elif ckpt.tensors[name].shape != tuple(p.shape):
+            raise StreamqError(f"{where}: tensor {name} has shape {list(ckpt.tensors[name].shape)} in the checkpoint, "
+                               f"the config implies {list(p.shape)}")
+
+
+def _check_packed(ckpt: Checkpoint, stem: str, lin, where: str) -> None:
+    """One quantized Linear's packed tensors: present, with the shapes and dtypes its quantization_config implies."""
+    q = ckpt.config["quantization_config"]
+    try:
+        if ckpt.spqr_config is not None:
+            n_out = ckpt.tensors.get(stem + "outlier_col")
+            shapes = spqr_format.packed_shapes(lin.out_features, lin.in_features, ckpt.spqr_config,
+                                               n_out.shape[0] if n_out and len(n_out.shape) == 1 else 0)
+        else:
+            from streamq.formats.gptq import packed_shapes
+
+            shapes = packed_shapes(lin.out_features, lin.in_features, q["bits"], q["group_size"])
+    except StreamqError as e:
+        raise StreamqError(f"{where}: quantization_config does not fit {stem[:-1]} ({e})") from None
+    for k, (shape, dtype) in shapes.items():
+        info = ckpt.tensors.get(stem + k)
+        if info is None:
+            raise StreamqError(f"{where}: {stem}{k} is missing from the checkpoint (quantized as its "
+                               "quantization_config says?)")
+        if info.shape != tuple(shape) or DTYPES[info.dtype] != dtype:
+            raise StreamqError(f"{where}: {stem}{k} is {info.dtype} {list(info.shape)}, the quantization_config "
+                               f"implies {DTYPE_NAMES[dtype]} {list(shape)}")
