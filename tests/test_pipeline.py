@@ -67,9 +67,9 @@ def test_act_order_output_loads_and_matches_fake_quant_logits(tmp_path, monkeypa
     engine = {}  # the engine's own fake-quantized weights, recorded as blocks are packed
     original = pipeline.block_tensors
 
-    def record(layout, ckpt, i, results, cfg):
+    def record(layout, ckpt, i, results, cfg, *fmt):
         engine.update({f"{layout.block_prefix(i)}{n}": r.weight.clone() for n, (r, _) in results.items()})
-        return original(layout, ckpt, i, results, cfg)
+        return original(layout, ckpt, i, results, cfg, *fmt)
 
     monkeypatch.setattr(pipeline, "block_tensors", record)
     src, out, ref_model, ref, _ = run_both(tmp_path, "llama", "gptq", bits=4, group_size=16, act_order=True)

@@ -17,9 +17,6 @@ import torch
 from safetensors import safe_open
 
 from streamq.errors import StreamqError
-from streamq.config import QuantConfig
-from streamq.formats import spqr as spqr_format
-from streamq.formats.gptq import dequantize_gptq
 
 # safetensors dtype names -> torch dtypes (the ones a decoder checkpoint can hold)
 DTYPES = {
@@ -126,32 +123,30 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    @property
-    def gptq_bits(self) -> int | None:
-        """Bits of a GPTQ-format folder (a streamq output), None for a plain fp checkpoint."""
-        q = self.config.get("quantization_config") or {}
-        return q.get("bits") if q.get("quant_method") == "gptq" else None
-
     @functools.cached_property
-    def spqr_config(self) -> QuantConfig | None:
-        """The layout config of a SpQR folder (a streamq output), None otherwise."""
-        q = self.config.get("quantization_config") or {}
-        return spqr_format.config_from_quantization_config(q) if q.get("quant_method") == "spqr" else None
+    def quant_format(self):
+        """(format module, layout QuantConfig) of a streamq output folder (streamq/formats), None for a plain
+        fp checkpoint."""
+        if not self.config.get("quantization_config"):
+            return None
+        from streamq.formats import format_of_config
+
+        fmt = format_of_config(self.config, str(self.folder))
+        return fmt, fmt.config_from(self.config["quantization_config"])
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor (a copy out of the memory map) and check it is finite.
 
-        In a GPTQ or SpQR folder, "<linear>.weight" is served dequantized ([out, in] fp32) from its packed
+        In a streamq output folder (any layout format), "<linear>.weight" is served dequantized ([out, in] fp32) from its packed
         tensors, so everything that streams a source model streams a compressed one too.
         """
         info = self.tensors.get(name)
         stem = name.removesuffix("weight")
-        if info is None and self.gptq_bits and stem + "qweight" in self.tensors:
-            parts = {k: self.get(stem + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-            return dequantize_gptq(parts, self.gptq_bits).to(device)
-        if info is None and self.spqr_config is not None and stem + "qweight" in self.tensors:
-            parts = {k: self.get(stem + k) for k in spqr_format.tensor_names(self.spqr_config)}
-            return spqr_format.dequantize_spqr(parts, self.spqr_config).to(device)
+        if info is None and self.quant_format is not None:
+            fmt, cfg = self.quant_format
+            names = fmt.tensor_names(cfg)
+            if stem + names[0] in self.tensors:
+                return fmt.dequantize({k: self.get(stem + k) for k in names}, cfg).to(device)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         handle = self._handles.get(info.file)
