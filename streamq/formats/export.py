@@ -24,10 +24,12 @@ from streamq.quant.grid import QuantResult
 
 
 def finished_run(folder: Path) -> QuantConfig:
-    """The method config of a complete streamq output folder (from its manifest), or StreamqError."""
+    """The method config of a complete streamq output folder (from its manifest; an exported folder: from its
+    quantization_config), or StreamqError."""
     path = folder / MANIFEST
-    if not path.exists():
-        raise StreamqError(f"{folder}: no {MANIFEST}; export converts a streamq output folder")
+    if not path.exists():  # a folder export wrote: its quantization_config says what it holds
+        config = Checkpoint(folder).config
+        return format_of_config(config, str(folder)).config_from(config["quantization_config"])
     manifest = read_json(path)
     if not manifest.get("complete"):
         raise StreamqError(f"{folder}: the run is not finished; resume it with streamq compress first")

@@ -1,0 +1,161 @@
+"""Output formats (streamq/formats): the compressed-tensors folder loads in transformers with streamq's
+logits, the GGUF file dequantizes (gguf.quants, llama.cpp's reference numpy code) to streamq's weights, the
+written quantization_configs obey vLLM's parsing rules, export converts without recomputing, and every
+combination a format cannot hold exactly is refused with one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import streamq
+from streamq.errors import OtherRunError, StreamqError
+from streamq.formats.export import export
+from tests.conftest import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GRIDS = {  # name -> compress keyword arguments (RTN: data-free, fast; the grid is what the formats see)
+    "w4g32-sym": dict(bits=4, group_size=32),
+    "w4g32-asym": dict(bits=4, group_size=32, sym=False),
+    "w4g64-full-range": dict(bits=4, group_size=64, full_range=True),
+    "w8-per-channel": dict(bits=8, group_size=-1),
+}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("fmt") / "llama", "llama", n_layers=2, shards=2)
+
+
+@pytest.fixture(scope="module")
+def outputs(src, tmp_path_factory):
+    """grid name -> a finished folder (gptq layout) with compressed-tensors and gguf exported inside."""
+    root = tmp_path_factory.mktemp("fmt-out")
+    return {name: streamq.compress(src, root / name, method="rtn", formats="gptq,compressed-tensors",
+                                   progress=False, **kw) for name, kw in GRIDS.items()}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_compressed_tensors_loads_in_transformers_with_streamq_logits(outputs, grid):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    out = outputs[grid]
+    ct = out / "compressed-tensors"
+    ours, theirs = streamq.load(out), streamq.load(ct)
+    for name, module in ours.named_modules():  # the same quantized weights, read back from either layout
+        if hasattr(module, "dequantized_weight"):
+            assert torch.equal(module.dequantized_weight(), theirs.get_submodule(name).dequantized_weight()), name
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    ref = logits(ours, ids)
+    if GRIDS[grid].get("sym", True):
+        # compressed-tensors' own loading path in transformers (compressed modules, fp32 model): exact
+        model = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32)
+        torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=1e-5)
+    # Every grid, asym included, through the library's decompression (weights rebuilt in the fp16 scale
+    # dtype, hence the tolerance): asym's direct path leaves zero points unpacked in compressed-tensors 0.20
+    model = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=2e-2)
+
+
+def test_export_round_trip_is_byte_identical(outputs, tmp_path):
+    """gptq -> compressed-tensors -> gptq gives back the very tensors the run wrote (nothing recomputed)."""
+    from safetensors.torch import load_file
+
+    out = outputs["w4g32-asym"]
+    back = export(out / "compressed-tensors", "gptq", tmp_path / "back")
+    for shard in out.glob("*.safetensors"):
+        a, b = load_file(str(shard)), load_file(str(back / shard.name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), shard.name
+    assert json.loads((back / "config.json").read_text())["quantization_config"]["sym"] is False
+
+
+def test_gguf_tensors_dequantize_to_streamq_weights(outputs, tmp_path):
+    import gguf
+
+    for grid in ("w4g32-sym", "w4g64-full-range", "w8-per-channel", "w4g32-asym"):
+        out = outputs[grid]
+        path = next(export(out, "gguf", tmp_path / grid).glob("*.gguf"))
+        reader = gguf.GGUFReader(path)
+        fields = {f.name: f for f in reader.fields.values()}
+        assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+        tensors = {t.name: t for t in reader.tensors}
+        model = streamq.load(out)
+        cfg = model.config
+        expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+            f"blk.{i}.{n}.weight" for i in range(cfg.num_hidden_layers) for n in (
+                "attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+        assert set(tensors) == expected
+        qtype = {"w8-per-channel": "Q8_0", "w4g32-asym": "Q4_1"}.get(grid, "Q4_0")
+        for i, block in enumerate(model.model.layers):
+            for hf, name in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                             ("mlp.down_proj", "ffn_down")):
+                t = tensors[f"blk.{i}.{name}.weight"]
+                assert t.tensor_type.name == qtype
+                w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+                module = block.get_submodule(hf)
+                ours = module.dequantized_weight()
+                if name in ("attn_q", "attn_k"):  # llama.cpp's row order: rotary halves interleaved per head
+                    heads = cfg.num_attention_heads if name == "attn_q" else cfg.num_key_value_heads
+                    ours = ours.reshape(heads, 2, -1, ours.shape[1]).transpose(1, 2).reshape(ours.shape)
+                if qtype != "Q4_1":
+                    assert torch.equal(w, ours), (grid, t.name)
+                else:  # m = fp16(-d z): off by at most half an fp16 ulp of d*z per weight
+                    from streamq.formats.gptq import unpack_gptq
+
+                    packed = {k: getattr(module, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+                    u = unpack_gptq(packed, 4)
+                    dz = (u.scales * u.zeros).abs().t().repeat_interleave(32, 1)
+                    if name in ("attn_q", "attn_k"):
+                        dz = dz.reshape(heads, 2, -1, dz.shape[1]).transpose(1, 2).reshape(dz.shape)
+                    assert ((w - ours).abs() <= dz * 2.0**-11 + 1e-12).all(), (grid, t.name)
+        norm = torch.from_numpy(gguf.quants.dequantize(tensors["blk.0.attn_norm.weight"].data,
+                                                       tensors["blk.0.attn_norm.weight"].tensor_type).copy())
+        assert torch.equal(norm, model.model.layers[0].input_layernorm.weight.float())
+
+
+@pytest.mark.parametrize("kwargs, fmt, message", [
+    (dict(bits=3, group_size=32), "gguf", "maps only 4-bit"),
+    (dict(bits=8, group_size=32, sym=False), "gguf", "maps only 4-bit"),
+    (dict(bits=4, group_size=16), "gguf", "multiple of llama.cpp's 32"),
+    (dict(bits=4, group_size=32, act_order=True), "gguf", "no g_idx"),
+    (dict(bits=4, group_size=32, act_order=True), "compressed-tensors", "no g_idx"),
+])
+def test_formats_refuse_what_they_cannot_hold(src, tmp_path, kwargs, fmt, message):
+    method = "gptq" if kwargs.get("act_order") else "rtn"
+    with pytest.raises(StreamqError, match=message) as e:
+        streamq.compress(src, tmp_path / "o", method=method, formats=f"gptq,{fmt}", progress=False, **kwargs)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_run_fingerprint_includes_the_format(src, outputs):
+    with pytest.raises(OtherRunError, match="format"):
+        streamq.compress(src, outputs["w4g32-sym"], method="rtn", formats="compressed-tensors", progress=False,
+                         **GRIDS["w4g32-sym"])
+
+
+def test_gptq_config_desc_act_and_architectures(tmp_path):
+    """desc_act is true only where g_idx is a real permutation (vLLM refuses desc_act; with static groups g_idx
+    is the column order); architectures comes from the model class when the source leaves it null."""
+    src = make_tiny_model(tmp_path / "m", "llama", n_layers=1, shards=1)
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = None
+    (src / "config.json").write_text(json.dumps(config))
+    common = dict(method="gptq", bits=4, group_size=32, calib=str(src / "calib.txt"), nsamples=2, seqlen=16,
+                  progress=False)
+    static = streamq.compress(src, tmp_path / "static", act_order=True, static_groups=True, **common)
+    dynamic = streamq.compress(src, tmp_path / "dynamic", act_order=True, **common)
+    for out, desc_act in ((static, False), (dynamic, True)):
+        written = json.loads((out / "config.json").read_text())
+        assert written["quantization_config"]["desc_act"] is desc_act
+        assert written["architectures"] == ["LlamaForCausalLM"]
+        g_idx = streamq.load(out).model.layers[0].self_attn.q_proj.g_idx
+        assert torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // 32) is not desc_act
