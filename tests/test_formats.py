@@ -159,3 +159,53 @@ def test_gptq_config_desc_act_and_architectures(tmp_path):
         assert written["architectures"] == ["LlamaForCausalLM"]
         g_idx = streamq.load(out).model.layers[0].self_attn.q_proj.g_idx
         assert torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // 32) is not desc_act
+
+
+# vLLM cannot run on these CPUs; its config parsing rules, read from its source (vLLM 0.33), written out here:
+# - gptq_marlin.py GPTQMarlinConfig: TYPE_MAP keys (bits, sym) in {(4, True), (8, True)}, else "Unsupported
+#   quantization config"; from_config needs the keys bits, group_size, desc_act, sym; desc_act with
+#   group_size -1 is read as false; is_gptq_marlin_compatible also needs quant_method "gptq".
+# - utils/marlin_utils.py MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64, 128].
+# - gptq.py / utils/gptq_utils.py (issue 12's reading of vLLM 0.33): desc_act true ("group activation
+#   ordering") is refused, and qzeros are ignored for sym (zero 2^(bits-1) assumed).
+# - compressed_tensors/schemes/compressed_tensors_wNa16.py: WNA16 types sym {4: uint4b8, 8: uint8b128},
+#   asym (zero points) {4: uint4, 8: uint8}; compressed_tensors.py _is_wNa16_group_channel: weights only,
+#   strategy "group" or "channel", not dynamic, format "pack-quantized"; actorder "group" needs g_idx.
+def vllm_gptq_problems(q: dict) -> list[str]:
+    problems = [f"missing {k}" for k in ("bits", "group_size", "desc_act", "sym") if k not in q]
+    if q.get("quant_method") != "gptq":
+        problems.append("quant_method is not gptq")
+    if (q.get("bits"), q.get("sym")) not in ((4, True), (8, True)):
+        problems.append("Unsupported quantization config")
+    if q.get("group_size") not in (-1, 32, 64, 128):
+        problems.append("group size not supported by Marlin")
+    if q.get("desc_act") and q.get("group_size") != -1:
+        problems.append("group activation ordering no longer supported")
+    return problems
+
+
+def vllm_wna16_problems(q: dict) -> list[str]:
+    problems = []
+    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+        problems.append("not a pack-quantized compressed-tensors config")
+    for group in q["config_groups"].values():
+        w = group["weights"]
+        if group.get("input_activations") is not None or w.get("dynamic"):
+            problems.append("not weight-only")
+        if w["num_bits"] not in (4, 8) or w["type"] != "int":
+            problems.append("WNA16 takes int4 / int8")
+        if w["strategy"] not in ("group", "channel") or (w["strategy"] == "group") != (w["group_size"] is not None):
+            problems.append("strategy/group_size mismatch")
+        if w.get("actorder") == "group":
+            problems.append("actorder group needs g_idx, which streamq does not write")
+    return problems
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_written_configs_obey_vllm_rules(outputs, grid):
+    gptq = json.loads((outputs[grid] / "config.json").read_text())["quantization_config"]
+    ct = json.loads((outputs[grid] / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    expected_gptq = [] if GRIDS[grid].get("sym", True) else ["Unsupported quantization config"]  # asym: use CT
+    assert vllm_gptq_problems(gptq) == expected_gptq
+    assert vllm_wna16_problems(ct) == []
+    assert ct["config_groups"]["group_0"]["weights"]["symmetric"] is GRIDS[grid].get("sym", True)
