@@ -209,3 +209,37 @@ def test_written_configs_obey_vllm_rules(outputs, grid):
     assert vllm_gptq_problems(gptq) == expected_gptq
     assert vllm_wna16_problems(ct) == []
     assert ct["config_groups"]["group_0"]["weights"]["symmetric"] is GRIDS[grid].get("sym", True)
+
+
+LLAMA_CPP_EXTRA = {  # per-block tensors beyond llama's, as llama.cpp's qwen2 / qwen3 graphs read them
+    "llama": (), "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"), "qwen3": ("attn_q_norm.weight", "attn_k_norm.weight"),
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "opt"])
+def test_other_architectures(arch, tmp_path):
+    """compressed-tensors loads in transformers with streamq's logits; GGUF has llama.cpp's names and exact
+    weights where llama.cpp has the architecture (qwen2, qwen3), and OPT is refused with one line."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_model(tmp_path / arch, arch, n_layers=1, shards=1)
+    out = streamq.compress(src, tmp_path / "o", method="rtn", bits=4, group_size=32, formats="gptq,compressed-tensors",
+                           progress=False)
+    ours = streamq.load(out)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16))
+    theirs = AutoModelForCausalLM.from_pretrained(out / "compressed-tensors", dtype=torch.float32)
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=0, atol=1e-5)
+    if arch == "opt":
+        with pytest.raises(StreamqError, match="not one streamq maps to llama.cpp"):
+            export(out, "gguf", tmp_path / "g")
+        return
+    tensors = {t.name: t for t in gguf.GGUFReader(next(export(out, "gguf", tmp_path / "g").glob("*.gguf"))).tensors}
+    block = [f"blk.0.{n}.weight" for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                            "ffn_gate", "ffn_up", "ffn_down")]
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight", *block,
+                            *(f"blk.0.{n}" for n in LLAMA_CPP_EXTRA[arch])}
+    for hf, name in (("self_attn.q_proj", "attn_q"), ("mlp.up_proj", "ffn_up")):  # NEOX rope: no permutation
+        t = tensors[f"blk.0.{name}.weight"]
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(w, ours.model.layers[0].get_submodule(hf).dequantized_weight())

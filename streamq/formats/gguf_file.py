@@ -108,10 +108,10 @@ def export(ckpt, source, cfg, out, head_type: str = "q8_0"):
     plan = []  # (gguf name, source name, kind) in file order
     for name in sorted(ckpt.names()):
         stem = name.rsplit(".", 1)[0] + "."
-        if stem in stems:
+        if stem in stems and not name.endswith(".bias"):
             if name.endswith("." + source.tensor_names(src_cfg)[0]):
                 plan.append((names.get_name(stem + "weight", try_suffixes=(".weight",)), stem, "linear"))
-        elif not any(name.startswith(s) for s in stems) or name.endswith(".bias"):
+        else:
             gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise StreamqError(f"--format gguf: no llama.cpp name for tensor {name}")
