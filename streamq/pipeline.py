@@ -19,8 +19,9 @@ from streamq.calib.store import ActivationStore
 from streamq.config import QuantConfig
 from streamq.errors import OtherRunError, StreamqError
 from streamq.fallback import CPU, with_fallback
-from streamq.formats import get_format, output_config, parse_formats, resolve_formats
+from streamq.formats import default_layout, get_format, output_config, parse_formats, resolve_formats
 from streamq.formats import spqr as spqr_format
+from streamq.formats.export import export_missing
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.manifest import read_json, write_json_atomic
@@ -94,17 +95,12 @@ def resolve_dtype(name: str, device: torch.device, ckpt: Checkpoint) -> torch.dt
     return table[name]
 
 
-def default_format(cfg: QuantConfig):
-    """The layout format of a run that names none: spqr for SpQR, else gptq."""
-    return get_format(resolve_formats(cfg, ())[0])
-
-
 def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
                n_outliers: dict[str, int] | None = None, fmt=None) -> Unit:
-    """Block i's output tensors in layout format fmt (a streamq.formats module; None = default_format); checks
+    """Block i's output tensors in layout format fmt (a streamq.formats module; None = default_layout); checks
     its layers. Data-sized tensors (SpQR's outliers): the unit is marked sized_by_data, planned with none, and
     settled with n_outliers (Linear name -> count) once known."""
-    fmt = fmt or default_format(cfg)
+    fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
     linears = layout.block_linears(i)
     needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
@@ -140,9 +136,9 @@ def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None
 
 def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
                   cfg: QuantConfig, fmt=None) -> dict[str, torch.Tensor]:
-    """Block i's output tensors: its Linears packed by layout format fmt (None = default_format), everything
+    """Block i's output tensors: its Linears packed by layout format fmt (None = default_layout), everything
     else copied unchanged."""
-    fmt = fmt or default_format(cfg)
+    fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
     out = {}
     for lin_name, (result, _) in results.items():
@@ -172,9 +168,9 @@ def fingerprint(ckpt: Checkpoint, cfg: QuantConfig, opts: RunOptions, tokens: to
 
 def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> dict[str, list[str]]:
     """Source tensor -> the output tensors standing for it: a quantized Linear's weight -> its packed tensors
-    in layout format fmt (None = default_format), anything else -> itself. Recorded in the manifest so
+    in layout format fmt (None = default_layout), anything else -> itself. Recorded in the manifest so
     `streamq verify` needs no source."""
-    fmt = fmt or default_format(cfg)
+    fmt = fmt or default_layout(cfg)
     packed = {}
     for i in range(layout.n_blocks):
         for name, lin in layout.block_linears(i).items():
@@ -253,7 +249,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     if manifest["complete"]:
         if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-        export_all(out, exports)
+        export_missing(out, exports)
         return out
     writer.folder.mkdir(parents=True, exist_ok=True)
     settle_written_units(layout, ckpt, cfg, writer, manifest, fmt)
@@ -309,20 +305,8 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     if store is not None and not opts.keep_activations:
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    export_all(out, exports)  # 7
+    export_missing(out, exports)  # 7
     return out
-
-
-def export_all(out: Path, names: tuple[str, ...]) -> None:
-    """The further formats of --format a,b,...: each converted from the finished folder into OUT/<format>/
-    (skipped where a finished one is already there: a resumed run redoes only what is missing)."""
-    if not names:
-        return
-    from streamq.formats.export import export
-
-    for name in names:
-        if not (out / name).exists():
-            export(out, name, out / name)
 
 
 def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors: dict[str, torch.Tensor]) -> None:

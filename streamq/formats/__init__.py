@@ -61,6 +61,11 @@ def resolve_formats(cfg, names: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     return layout, tuple(n for n in names if n != layout)
 
 
+def default_layout(cfg) -> ModuleType:
+    """The layout format of a run that names none: spqr for SpQR, else gptq."""
+    return get_format(resolve_formats(cfg, ())[0])
+
+
 def format_of_config(config: dict, where: str) -> ModuleType:
     """The layout format of a folder's config.json (its quantization_config), or StreamqError."""
     q = config.get("quantization_config") or {}

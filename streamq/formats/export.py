@@ -18,14 +18,23 @@ from streamq.errors import StreamqError
 from streamq.formats import LAYOUTS, format_of_config, get_format, output_config
 from streamq.io.checkpoint import Checkpoint
 from streamq.io.manifest import fsync_path, read_json, write_bytes_atomic, write_json_atomic
-from streamq.pipeline import MANIFEST, TOKENIZER_FILES
 from streamq.quant.grid import QuantResult
 
+
+
+def export_missing(out: Path, names: tuple[str, ...]) -> None:
+    """compress --format a,b,...: each further format converted from the finished folder into OUT/<format>/,
+    skipped where a finished one is already there (a resumed run redoes only what is missing)."""
+    for name in names:
+        if not (out / name).exists():
+            export(out, name, out / name)
 
 
 def finished_run(folder: Path) -> QuantConfig:
     """The method config of a complete streamq output folder (from its manifest; an exported folder: from its
     quantization_config), or StreamqError."""
+    from streamq.pipeline import MANIFEST  # the pipeline imports this module
+
     path = folder / MANIFEST
     if not path.exists():  # a folder export wrote: its quantization_config says what it holds
         config = Checkpoint(folder).config
@@ -54,6 +63,8 @@ def export(src: str | Path, name: str, dst: str | Path, **options) -> Path:
         convert_layout(ckpt, source, target, cfg, partial)
     else:
         target.export(ckpt, source, cfg, partial, **options)
+    from streamq.pipeline import TOKENIZER_FILES
+
     for file in TOKENIZER_FILES:
         if (src / file).exists():
             shutil.copyfile(src / file, partial / file)

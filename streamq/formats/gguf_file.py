@@ -119,7 +119,7 @@ def export(ckpt, source, cfg, out, head_type: str = "q8_0"):
             plan.append((gname, name, kind))
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
 
-    def tensor(gname, name, kind):
+    def tensor(name, kind):
         """(array, raw type or None) of one output tensor."""
         if kind == "linear":
             t = source.unpack({k: ckpt.get(name + k) for k in source.tensor_names(src_cfg)}, src_cfg)
@@ -161,7 +161,7 @@ def export(ckpt, source, cfg, out, head_type: str = "q8_0"):
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for gname, name, kind in plan:
-        writer.write_tensor_data(tensor(gname, name, kind)[0])
+        writer.write_tensor_data(tensor(name, kind)[0])
     writer.close()
     return path
 
