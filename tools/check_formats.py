@@ -55,10 +55,9 @@ def main() -> None:
                          **GRIDS[grid])
         ref, ref_ppl = run(streamq.load(out))
         ct = out / "compressed-tensors"
-        clients = {"transformers + compressed-tensors, dequantize=True": dict(
-            quantization_config=CompressedTensorsConfig(dequantize=True))}
-        if GRIDS[grid].get("sym", True):
-            clients = {"transformers + compressed-tensors (direct)": {}, **clients}
+        clients = {"transformers + compressed-tensors (direct)": {},
+                   "transformers + compressed-tensors, dequantize=True": dict(
+                       quantization_config=CompressedTensorsConfig(dequantize=True))}
         for client, kw in clients.items():
             try:
                 logits, ppl = run(AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32, **kw))
