@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--simplified-outliers", action="store_true", default=None,
                    help="fit group grids on all weights instead of leaving likely outliers out")
     _add_compute_flags(c, offload_default=None)
+    c.add_argument("--format", dest="formats", default=None,
+                   help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "
+                   "(the default of --method spqr); the first of gptq/compressed-tensors/spqr is OUT's layout, "
+                   "each further one is exported into OUT/<format>/")
     c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (5GB)")
     resume = c.add_mutually_exclusive_group()
     resume.add_argument("--restart", dest="resume", action="store_const", const="restart", default="auto",
@@ -128,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check an output folder against its manifest: every shard byte, every tensor")
     v.add_argument("out", help="a streamq output folder")
+
+    x = sub.add_parser("export", help="convert a finished output folder into another format (no recomputing)")
+    x.add_argument("out", help="a finished streamq output folder")
+    x.add_argument("--format", required=True, help="gptq | compressed-tensors | gguf")
+    x.add_argument("--to", default=None, help="destination folder (default: OUT/<format>)")
+    x.add_argument("--head-type", default="q8_0", choices=["q8_0", "f16"],
+                   help="gguf: type of the embeddings and output head (q8_0)")
 
     d = sub.add_parser("demo", help="fetch SmolLM2-135M, compress it, compare perplexity, generate")
     d.add_argument("--out", default=None, help="output folder (default: in the streamq cache)")
@@ -182,6 +193,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
         print(args.prompt + generate(args.model, args.prompt, args.max_new_tokens, args.device,
                                      allow_incomplete=args.allow_incomplete))
+    elif args.command == "export":
+        from pathlib import Path
+
+        from streamq.formats.export import export
+
+        options = {"head_type": args.head_type} if args.format == "gguf" else {}
+        print(f"wrote {export(args.out, args.format, args.to or Path(args.out) / args.format, **options)}")
     elif args.command == "demo":
         from streamq.demo import run_demo
 

@@ -1,24 +1,23 @@
-"""Load a streamq output folder (GPTQ format, or streamq's SpQR layout) as a runnable transformers model."""
+"""Load a streamq output folder (GPTQ, compressed-tensors, or streamq's SpQR layout) as a runnable transformers model."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from streamq.errors import StreamqError
-from streamq.formats.spqr import config_from_quantization_config
+from streamq.formats import format_of_config
 from streamq.io.blocks import build_layout, materialize
 from streamq.io.checkpoint import Checkpoint
 from streamq.device import resolve_device
 from streamq.io.manifest import reading
 from streamq.tokenizer import load_tokenizer
-from streamq.qlinear import replace_linears
 
 
 def load_quantized(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                    allow_incomplete: bool = False):
-    """The model of a GPTQ-format (or SpQR) folder: transformers' class, block Linears replaced by QuantLinear
-    (SpQRLinear).
+    """The model of a streamq output folder in any layout format (gptq, compressed-tensors, spqr):
+    transformers' class, block Linears replaced by the format's dequantizing module (format.linear_module).
 
     Everything not quantized (embeddings, norms, head) is cast to dtype; packed tensors stay as stored.
     A folder a compress run is writing, or an unfinished one, is refused unless allow_incomplete.
@@ -29,18 +28,25 @@ def load_quantized(folder: str | Path, device: str = "cpu", dtype: torch.dtype =
 
 def _load_quantized(folder: str | Path, device: str, dtype: torch.dtype):
     ckpt = Checkpoint(folder)
-    q = ckpt.config.get("quantization_config") or {}
-    if q.get("quant_method") not in ("gptq", "spqr"):
-        raise StreamqError(f"{folder}: not a streamq output folder (config.json has no gptq or spqr "
-                           "quantization_config)")
-    spqr = config_from_quantization_config(q) if q["quant_method"] == "spqr" else None
+    fmt = format_of_config(ckpt.config, str(folder))
+    cfg = fmt.config_from(ckpt.config["quantization_config"])
     layout = build_layout(ckpt)
     with torch.device("meta"):
         for block in layout.layers:
-            replace_linears(block, q["bits"], q["group_size"], spqr=spqr)
+            swap_linears(block, lambda lin: fmt.linear_module(lin.in_features, lin.out_features, cfg,
+                                                              lin.bias is not None, device=lin.weight.device,
+                                                              dtype=lin.weight.dtype))
     model = materialize(layout.model, "", ckpt, layout, resolve_device(device), dtype)
     model.config.use_cache = True
     return model.eval()
+
+
+def swap_linears(block: nn.Module, make) -> None:
+    """Replace every nn.Linear in block by make(linear)."""
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+            setattr(parent, name.rpartition(".")[2], make(module))
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from streamq.errors import StreamqError
 MANIFEST = "streamq_manifest.json"
 REPORT = "streamq_report.json"
 INDEX = "model.safetensors.index.json"
+EXPORT_MARKER = "streamq_export.json"  # in a folder `streamq export` wrote: written before it is renamed into place
 WORK_DIR = ".streamq-work"  # inside the output folder: the activation store while a run is unfinished
 DEFAULT_CALIB = Path(__file__).parent / "data" / "calib.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -31,6 +32,8 @@ class RunOptions:
     keep_activations: bool = False
     progress: bool = True
     cpu_blocks: tuple[int, ...] = ()  # blocks run on the CPU whatever the device (planned from --max-vram)
+    formats: tuple[str, ...] = ()  # output formats (streamq/formats): the first layout one is OUT's, the rest
+    # are exported into OUT/<format>/ at the end; () = the method's default (gptq; spqr for SpQR)
 
     def __post_init__(self):
         if self.offload not in ("disk", "ram"):
@@ -41,3 +44,6 @@ class RunOptions:
             raise StreamqError(f"--shard-size {self.shard_size}: must be positive")
         if self.resume not in ("auto", "restart", "never"):
             raise StreamqError(f"resume mode {self.resume!r}: choose auto, restart or never")
+        from streamq.formats import parse_formats
+
+        object.__setattr__(self, "formats", parse_formats(self.formats))

@@ -21,8 +21,9 @@ from streamq.config import QuantConfig
 from streamq.device import peak_vram, reset_peak_vram, resolve_device, resolve_dtype
 from streamq.errors import StreamqError
 from streamq.fallback import CPU, attempt_dtype, with_fallback
+from streamq.formats import default_layout, get_format, output_config, resolve_formats
 from streamq.formats import spqr as spqr_format
-from streamq.formats.gptq import pack_gptq, packed_shapes
+from streamq.formats.export import export_missing
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.manifest import open_output, write_json_atomic, writer_lock
@@ -37,17 +38,12 @@ from streamq.tokenizer import load_tokenizer
 from streamq.quant.grid import check_group_size
 
 
-def linear_shapes(cfg: QuantConfig, lin: nn.Linear, n_outliers: int = 0) -> dict:
-    """Suffix -> (shape, dtype) of one quantized Linear's packed tensors (SpQR: holding n_outliers outliers)."""
-    if cfg.method == "spqr":
-        return spqr_format.packed_shapes(lin.out_features, lin.in_features, cfg, n_outliers)
-    return packed_shapes(lin.out_features, lin.in_features, cfg.bits, cfg.group_size)
-
-
 def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
-               n_outliers: dict[str, int] | None = None) -> Unit:
-    """Block i's output tensors; checks its layers. SpQR's outlier tensors are sized by the data: the unit is
-    marked sized_by_data, planned with none, and settled with n_outliers (Linear name -> count) once known."""
+               n_outliers: dict[str, int] | None = None, fmt=None) -> Unit:
+    """Block i's output tensors in layout format fmt (a streamq.formats module; None = default_layout); checks
+    its layers. Data-sized tensors (SpQR's outliers): the unit is marked sized_by_data, planned with none, and
+    settled with n_outliers (Linear name -> count) once known."""
+    fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
     linears = layout.block_linears(i)
     needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
@@ -61,7 +57,7 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
             lin_name, lin = quantized[name]
             check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
             try:
-                shapes = linear_shapes(cfg, lin, (n_outliers or {}).get(lin_name, 0))
+                shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg, (n_outliers or {}).get(lin_name, 0))
             except StreamqError as e:
                 raise StreamqError(f"{prefix}{lin_name}: {e}") from None
             stem = name[: -len("weight")]
@@ -69,26 +65,27 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
         else:
             info = ckpt.tensors[name]
             specs.append(TensorSpec(name, DTYPES[info.dtype], info.shape))
-    return Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name)), sized_by_data=cfg.method == "spqr")
+    return Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name)), sized_by_data=fmt.SIZED_BY_DATA)
 
 
-def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> list[Unit]:
+def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> list[Unit]:
     """Every output tensor's name, dtype and shape, known before any block runs (SpQR: up to the outlier
     counts, see block_unit); checks every layer."""
-    units = [block_unit(layout, ckpt, cfg, i) for i in range(layout.n_blocks)]
+    units = [block_unit(layout, ckpt, cfg, i, fmt=fmt) for i in range(layout.n_blocks)]
     rest = [TensorSpec(n, DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in non_block_names(layout, ckpt)]
     units.append(Unit("rest", tuple(sorted(rest, key=lambda s: s.name))))
     return units
 
 
 def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
-                  cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """Block i's output tensors: its Linears packed (GPTQ or SpQR layout), everything else copied unchanged."""
+                  cfg: QuantConfig, fmt=None) -> dict[str, torch.Tensor]:
+    """Block i's output tensors: its Linears packed by layout format fmt (None = default_layout), everything
+    else copied unchanged."""
+    fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
     out = {}
     for lin_name, (result, _) in results.items():
-        packed = spqr_format.pack_spqr(result, cfg) if cfg.method == "spqr" else pack_gptq(result, cfg.bits)
-        for k, t in packed.items():
+        for k, t in fmt.pack(result, cfg).items():
             out[f"{prefix}{lin_name}.{k}"] = t.cpu()
     packed_weights = {f"{prefix}{n}.weight" for n in results}
     for name in block_names(layout, ckpt, i):
@@ -100,9 +97,11 @@ def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
 def fingerprint(ckpt: Checkpoint, cfg: QuantConfig, opts: RunOptions, tokens: torch.Tensor | None,
                 dtype: torch.dtype) -> dict:
     """What decides the output bytes; a resume must match it part by part."""
+    layout_format, exports = resolve_formats(cfg, opts.formats)
     return {
         "source model": ckpt.fingerprint(),
         "method": cfg.to_dict(),
+        "format": [layout_format, *exports],
         "calibration": None if tokens is None else f"{tuple(tokens.shape)} {token_hash(tokens)}",
         "compute dtype": str(dtype),
         "shard size": opts.shard_size,
@@ -110,14 +109,16 @@ def fingerprint(ckpt: Checkpoint, cfg: QuantConfig, opts: RunOptions, tokens: to
     }
 
 
-def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig) -> dict[str, list[str]]:
-    """Source tensor -> the output tensors standing for it: a quantized Linear's weight -> its packed GPTQ
-    (or SpQR) tensors, anything else -> itself. Recorded in the manifest so `streamq verify` needs no source."""
+def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> dict[str, list[str]]:
+    """Source tensor -> the output tensors standing for it: a quantized Linear's weight -> its packed tensors
+    in layout format fmt (None = default_layout), anything else -> itself. Recorded in the manifest so
+    `streamq verify` needs no source."""
+    fmt = fmt or default_layout(cfg)
     packed = {}
     for i in range(layout.n_blocks):
         for name, lin in layout.block_linears(i).items():
             stem = f"{layout.block_prefix(i)}{name}."
-            shapes = linear_shapes(cfg, lin)
+            shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
             packed[stem + "weight"] = [stem + k for k in shapes]
     return {name: packed.get(name, [name]) for name in ckpt.names()}
 
@@ -144,11 +145,15 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
        while the next block computes (the store is not written again before that record is done).
        Stop here (Interrupted) when should_stop() says so: the folder resumes with the same call.
     6. Write the non-block tensors, config.json, tokenizer, index and report; mark the manifest complete.
+    7. Export the further formats of opts.formats from the finished folder into OUT/<format>/.
+    The layout (what the shards hold) is a format module of streamq/formats chosen by opts.formats.
     """
     out = Path(out)
+    layout_format, exports = resolve_formats(cfg, opts.formats)
+    fmt = get_format(layout_format)
     ckpt = Checkpoint(model, hash_reads=True)  # 1
     layout = build_layout(ckpt)
-    units = plan_units(layout, ckpt, cfg)
+    units = plan_units(layout, ckpt, cfg, fmt)
     writer = ShardWriter(out, plan_shards(units, opts.shard_size))
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device, ckpt)
@@ -162,16 +167,17 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
             logging.getLogger("streamq").warning(f"warning: --seqlen {opts.seqlen} exceeds the model's "
                                                  f"max_position_embeddings {longest}")
 
-    plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg)}
+    plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg, fmt)}
     files = [*writer.names, *(n + ".partial" for n in writer.names), INDEX, "config.json", REPORT, WORK_DIR,
-             *TOKENIZER_FILES]
+             *TOKENIZER_FILES, *exports]
     manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, files, opts.resume)  # 3
     ckpt.check_digests(manifest.get("source_sha256", {}) if not manifest["complete"] else {})
-    settle_written_units(layout, ckpt, cfg, writer, manifest)
+    settle_written_units(layout, ckpt, cfg, writer, manifest, fmt)
     check_written_units(writer, manifest, plan["source"])
     if manifest["complete"]:
         if not opts.keep_activations:  # left behind when a finished run was killed while deleting them
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        export_missing(out, exports)
         return out
     readahead = Prefetcher(ckpt)  # block i + 1's weights are read while block i computes
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
@@ -200,9 +206,9 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
                 manifest["slot"] = store.other(slot)
             layers = layer_records(results, cfg)
             if units[i].sized_by_data:  # SpQR: the outlier counts size the block's own shard
-                writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}))
+                writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}, fmt))
                 manifest["plan"].update(writer.plan())
-            tensors = block_tensors(layout, ckpt, i, results, cfg)
+            tensors = block_tensors(layout, ckpt, i, results, cfg, fmt)
             del results
             release_block(layout, i)
             io_wait += store.io_seconds - store_io if store else 0.0
@@ -225,10 +231,11 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         writes.close()  # last: it re-raises a failed pending write
     progress.close()
 
-    finish(out, ckpt, layout, cfg, opts, writer, manifest, device)  # 6
+    finish(out, ckpt, layout, cfg, opts, writer, manifest, device, fmt)  # 6
     if store is not None and not opts.keep_activations:
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    export_missing(out, exports)  # 7
     return out
 
 
@@ -253,7 +260,7 @@ def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:
 
 
 def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, writer: ShardWriter,
-                         manifest: dict) -> None:
+                         manifest: dict, fmt) -> None:
     """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports
     (which must record exactly the block's Linears)."""
     for i in map(int, manifest["blocks"]):
@@ -261,7 +268,7 @@ def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig
             raise StreamqError(f"{writer.folder}: {MANIFEST} records other layers for block {i}; use --restart")
         if writer.units[f"block.{i}"].sized_by_data:
             counts = {n: r["n_outliers"] for n, r in manifest["blocks"][str(i)]["layers"].items()}
-            writer.settle(block_unit(layout, ckpt, cfg, i, counts))
+            writer.settle(block_unit(layout, ckpt, cfg, i, counts, fmt))
 
 
 def check_written_units(writer: ShardWriter, manifest: dict, source: dict) -> None:
@@ -305,7 +312,7 @@ def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest,
 
 
 def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, opts: RunOptions,
-           writer: ShardWriter, manifest: dict, device: torch.device) -> None:
+           writer: ShardWriter, manifest: dict, device: torch.device, fmt) -> None:
     """Non-block tensors, config, tokenizer, index, report; the manifest's complete flag goes last."""
     import json
 
@@ -321,27 +328,15 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
     if len(writer.names) > 1:
         write_json_atomic(out / INDEX,
                           {"metadata": {"total_size": writer.total_size()}, "weight_map": writer.weight_map()})
-    config = dict(ckpt.config)
-    config["quantization_config"] = quantization_config(cfg)
+    config = output_config(ckpt.config, fmt.quantization_config(cfg, f"streamq:{__version__}"),
+                           type(layout.model).__name__)
     write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device))
+    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, fmt))
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST, manifest)
 
 
-def quantization_config(cfg: QuantConfig) -> dict:
-    """config.json's quantization_config as transformers / vLLM read GPTQ checkpoints (SpQR: formats/spqr.py)."""
-    if cfg.method == "spqr":
-        return spqr_format.quantization_config(cfg, f"streamq:{__version__}")
-    return {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
-        "desc_act": cfg.act_order, "sym": cfg.sym, "static_groups": cfg.static_groups,
-        "true_sequential": cfg.true_sequential, "damp_percent": cfg.damp,
-        "quantizer": [f"streamq:{__version__}"], "streamq_method": cfg.method,
-    }
-
-
-def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device) -> dict:
+def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device, fmt) -> dict:
     """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight (stored
     bytes; SpQR also as its paper counts them, with the outlier share, overall and per layer in "blocks")."""
     quant_bytes = quant_weights = n_outliers = 0
@@ -349,7 +344,7 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
     for i in range(layout.n_blocks):
         layers = manifest["blocks"][str(i)]["layers"]
         for name, lin in layout.block_linears(i).items():
-            shapes = linear_shapes(cfg, lin, layers[name].get("n_outliers", 0))
+            shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg, layers[name].get("n_outliers", 0))
             quant_weights += lin.in_features * lin.out_features
             quant_bytes += sum(TensorSpec("", d, s).nbytes for s, d in shapes.values())
             n_outliers += layers[name].get("n_outliers", 0)

@@ -44,11 +44,12 @@ def _verify(out: Path) -> list[str]:
     problems += check_bytes(out, plan, manifest["units"], complete)
     problems += check_coverage(out, plan, complete)
     if complete and not problems:
-        problems += check_config(out, manifest["fingerprint"].get("method"))
+        formats = manifest["fingerprint"].get("format") or ["gptq"]
+        problems += check_config(out, manifest["fingerprint"].get("method"), str(formats[0]))
     return problems
 
 
-def check_config(out: Path, method) -> list[str]:
+def check_config(out: Path, method, layout_format: str) -> list[str]:
     """config.json's quantization_config: the one the run's recorded method implies (format, bits, group size,
     act-order, symmetry), and one that fits the tensors (every quantized Linear's packed tensors present with the
     shapes and dtypes it implies; checked by building the model skeleton from config.json)."""
@@ -62,13 +63,15 @@ def check_config(out: Path, method) -> list[str]:
         return [str(e)]
     if not isinstance(q, dict):
         return [f"{path}: has no quantization_config (the folder would read as an unquantized model)"]
-    method = method if isinstance(method, dict) else {}
-    spqr = method.get("method") == "spqr"
-    want = {"quant_method": "spqr" if spqr else "gptq", "checkpoint_format": "streamq-spqr" if spqr else "gptq",
-            "bits": method.get("bits"),
-            "group_size": method.get("group_size"), "desc_act": method.get("act_order"), "sym": method.get("sym")}
+    try:  # what the run's method and layout format write (streamq/formats), the quantizer tag aside
+        from streamq.config import QuantConfig
+        from streamq.formats import get_format
+
+        want = get_format(layout_format).quantization_config(QuantConfig.from_dict(method), "")
+    except (StreamqError, TypeError, ValueError, AttributeError):
+        return [f"{out / MANIFEST}: the recorded method or format is not one streamq writes"]
     for key, value in want.items():
-        if q.get(key) != value:
+        if key != "quantizer" and q.get(key) != value:
             return [f"{path}: quantization_config {key} is {q.get(key)!r}, the run used {value!r}"]
     try:
         build_layout(Checkpoint(out))

@@ -67,9 +67,9 @@ def test_act_order_output_loads_and_matches_fake_quant_logits(tmp_path, monkeypa
     engine = {}  # the engine's own fake-quantized weights, recorded as blocks are packed
     original = pipeline.block_tensors
 
-    def record(layout, ckpt, i, results, cfg):
+    def record(layout, ckpt, i, results, cfg, *fmt):
         engine.update({f"{layout.block_prefix(i)}{n}": r.weight.clone() for n, (r, _) in results.items()})
-        return original(layout, ckpt, i, results, cfg)
+        return original(layout, ckpt, i, results, cfg, *fmt)
 
     monkeypatch.setattr(pipeline, "block_tensors", record)
     src, out, ref_model, ref, _ = run_both(tmp_path, "llama", "gptq", bits=4, group_size=16, act_order=True)
@@ -85,7 +85,7 @@ def test_output_folder_layout(tmp_path):
     config = json.loads((out / "config.json").read_text())
     q = config["quantization_config"]
     assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["static_groups"], q["sym"],
-            q["checkpoint_format"]) == ("gptq", 8, -1, True, True, True, "gptq")  # GPTQ's defaults: act-order, static
+            q["checkpoint_format"]) == ("gptq", 8, -1, False, True, True, "gptq")  # act-order + static (defaults): desc_act false
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors = read_all(out)
     assert set(index["weight_map"]) == set(tensors)

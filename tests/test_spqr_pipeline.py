@@ -42,9 +42,9 @@ def streamed(src, tmp_path_factory):
     engine = {}
     original = pipeline.block_tensors
 
-    def record(layout, ckpt, i, results, cfg):
+    def record(layout, ckpt, i, results, cfg, *fmt):
         engine.update({f"{layout.block_prefix(i)}{n}": r.weight.clone() for n, (r, _) in results.items()})
-        return original(layout, ckpt, i, results, cfg)
+        return original(layout, ckpt, i, results, cfg, *fmt)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "block_tensors", record)

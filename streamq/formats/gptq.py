@@ -159,3 +159,76 @@ def group_affine(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     G = scale.shape[0]
     c = codes.reshape(out_features, G, in_features // G).float()
     return (scale.t().float()[:, :, None] * (c - zero.t().float()[:, :, None])).reshape(out_features, in_features)
+
+
+# The format interface (streamq/formats/__init__.py). What the loaders read, checked against their sources:
+# transformers' GptqHfQuantizer hands quantization_config to gptqmodel (QuantizeConfig: bits, group_size,
+# desc_act, sym, checkpoint_format "gptq" = v1, zero points stored minus one); vLLM's gptq / gptq_marlin
+# configs read bits, group_size, desc_act, sym (and ignore qzeros for sym, assuming 2^(bits-1)), and refuse
+# desc_act with a g_idx that is not the column order. desc_act is therefore written true only when g_idx is
+# a real permutation of groups (act-order without static groups); the full-range symmetric grid (signed
+# scales, zero 2^(bits-1)) is the same arithmetic, scale * (q - 2^(bits-1)), and is stored as it is.
+NAME = "gptq"
+SIZED_BY_DATA = False
+
+
+def check(cfg) -> None:
+    if cfg.method == "spqr":
+        raise StreamqError("--format gptq cannot hold SpQR's outliers and second-level statistics; "
+                           "use --format spqr (loaded by streamq.load)")
+
+
+def linear_shapes(out_features: int, in_features: int, cfg, n_outliers: int = 0) -> dict:
+    return packed_shapes(out_features, in_features, cfg.bits, cfg.group_size)
+
+
+def pack(result: QuantResult, cfg) -> dict[str, Tensor]:
+    return pack_gptq(result, cfg.bits)
+
+
+def unpack(tensors: dict[str, Tensor], cfg) -> GPTQTensors:
+    return unpack_gptq(tensors, cfg.bits)
+
+
+def dequantize(tensors: dict[str, Tensor], cfg) -> Tensor:
+    return dequantize_gptq(tensors, cfg.bits)
+
+
+def identity_g_idx(cfg) -> bool:
+    """Whether g_idx is the plain column order (c // group_size): all but act-order with dynamic groups."""
+    return not cfg.act_order or cfg.static_groups or cfg.group_size == -1
+
+
+def quantization_config(cfg, quantizer: str) -> dict:
+    """config.json's quantization_config as transformers (gptqmodel) and vLLM read a GPTQ v1 checkpoint."""
+    return {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+        "desc_act": not identity_g_idx(cfg), "sym": cfg.sym, "static_groups": cfg.static_groups,
+        "true_sequential": cfg.true_sequential, "damp_percent": cfg.damp,
+        "quantizer": [quantizer], "streamq_method": cfg.method, "streamq_full_range": cfg.full_range,
+        "streamq_act_order": cfg.act_order,
+    }
+
+
+def matches(q: dict) -> bool:
+    return q.get("quant_method") == "gptq"
+
+
+def config_from(q: dict):
+    """The layout fields of a GPTQ folder's quantization_config as a QuantConfig (method gptq)."""
+    from streamq.config import QuantConfig
+
+    act_order = q.get("streamq_act_order", q.get("desc_act", False))
+    return QuantConfig(bits=q["bits"], group_size=q["group_size"], sym=q.get("sym", True),
+                       full_range=q.get("streamq_full_range", False), act_order=act_order,
+                       static_groups=act_order and q.get("static_groups", False))
+
+
+def linear_module(in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):
+    from streamq.qlinear import QuantLinear
+
+    return QuantLinear(in_features, out_features, cfg.bits, cfg.group_size, bias, device=device, dtype=dtype)
+
+
+def tensor_names(cfg) -> tuple[str, ...]:
+    return ("qweight", "qzeros", "scales", "g_idx")

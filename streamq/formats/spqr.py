@@ -225,3 +225,43 @@ def bits_per_parameter(out_features: int, in_features: int, cfg: QuantConfig, n_
     else:
         stats = (cfg.qq_scale_bits + cfg.qq_zero_bits) / gs + 2 * (16 + 16) / (gs * cfg.qq_groupsize)
     return cfg.bits + stats + 32 / out_features + 32 * n_outliers / (out_features * in_features)
+
+
+# The format interface (streamq/formats/__init__.py): streamq's own layout, loaded by streamq.load only.
+NAME = "spqr"
+SIZED_BY_DATA = True  # the outlier tensors' lengths
+
+
+def check(cfg: QuantConfig) -> None:
+    if cfg.method != "spqr":
+        raise StreamqError(f"--format spqr holds --method spqr's results, not {cfg.method}'s; use --format gptq")
+
+
+def linear_shapes(out_features: int, in_features: int, cfg: QuantConfig, n_outliers: int = 0) -> dict:
+    return packed_shapes(out_features, in_features, cfg, n_outliers)
+
+
+def pack(result: SpQRResult, cfg: QuantConfig) -> dict[str, Tensor]:
+    return pack_spqr(result, cfg)
+
+
+def unpack(tensors: dict[str, Tensor], cfg: QuantConfig):
+    raise StreamqError("a SpQR folder (outliers, second-level statistics) has no exact form in another format; "
+                       "compress again with --format gptq or compressed-tensors")
+
+
+def dequantize(tensors: dict[str, Tensor], cfg: QuantConfig) -> Tensor:
+    return dequantize_spqr(tensors, cfg)
+
+
+def matches(q: dict) -> bool:
+    return q.get("quant_method") == "spqr"
+
+
+config_from = config_from_quantization_config
+
+
+def linear_module(in_features: int, out_features: int, cfg: QuantConfig, bias: bool, device=None, dtype=None):
+    from streamq.qlinear import SpQRLinear
+
+    return SpQRLinear(in_features, out_features, cfg, bias, device=device, dtype=dtype)

@@ -17,9 +17,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from streamq.errors import StreamqError
-from streamq.config import QuantConfig
-from streamq.formats import spqr as spqr_format
-from streamq.formats.gptq import dequantize_gptq
 
 # safetensors dtype names -> torch dtypes (the ones a decoder checkpoint can hold)
 DTYPES = {
@@ -155,32 +152,30 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    @property
-    def gptq_bits(self) -> int | None:
-        """Bits of a GPTQ-format folder (a streamq output), None for a plain fp checkpoint."""
-        q = self.config.get("quantization_config") or {}
-        return q.get("bits") if q.get("quant_method") == "gptq" else None
-
     @functools.cached_property
-    def spqr_config(self) -> QuantConfig | None:
-        """The layout config of a SpQR folder (a streamq output), None otherwise."""
-        q = self.config.get("quantization_config") or {}
-        return spqr_format.config_from_quantization_config(q) if q.get("quant_method") == "spqr" else None
+    def quant_format(self):
+        """(format module, layout QuantConfig) of a streamq output folder (streamq/formats), None for a plain
+        fp checkpoint."""
+        if not self.config.get("quantization_config"):
+            return None
+        from streamq.formats import format_of_config
+
+        fmt = format_of_config(self.config, str(self.folder))
+        return fmt, fmt.config_from(self.config["quantization_config"])
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor (a copy out of the memory map) and check it is finite.
 
-        In a GPTQ or SpQR folder, "<linear>.weight" is served dequantized ([out, in] fp32) from its packed
+        In a streamq output folder (any layout format), "<linear>.weight" is served dequantized ([out, in] fp32) from its packed
         tensors, so everything that streams a source model streams a compressed one too.
         """
         info = self.tensors.get(name)
         stem = name.removesuffix("weight")
-        if info is None and self.gptq_bits and stem + "qweight" in self.tensors:
-            parts = {k: self.get(stem + k) for k in ("qweight", "qzeros", "scales", "g_idx")}
-            return dequantize_gptq(parts, self.gptq_bits).to(device)
-        if info is None and self.spqr_config is not None and stem + "qweight" in self.tensors:
-            parts = {k: self.get(stem + k) for k in spqr_format.tensor_names(self.spqr_config)}
-            return spqr_format.dequantize_spqr(parts, self.spqr_config).to(device)
+        if info is None and self.quant_format is not None:
+            fmt, cfg = self.quant_format
+            names = fmt.tensor_names(cfg)
+            if stem + names[0] in self.tensors:
+                return fmt.dequantize({k: self.get(stem + k) for k in names}, cfg).to(device)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         try:
@@ -265,19 +260,20 @@ SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_att
 
 
 def check_quantization_config(path: Path, q) -> None:
-    """config.json's quantization_config as streamq writes it: gptq or spqr, packable bits, a valid group size."""
-    if not isinstance(q, dict) or q.get("quant_method") not in ("gptq", "spqr"):
-        raise StreamqError(f"{path}: quantization_config is not a gptq or spqr one")
+    """config.json's quantization_config as streamq writes it: one of streamq's layout formats (streamq/formats),
+    integer bits / group size, and a layout config that format accepts."""
+    from streamq.formats import format_of_config
+
+    if not isinstance(q, dict):
+        raise StreamqError(f"{path}: quantization_config is not an object")
+    fmt = format_of_config({"quantization_config": q}, str(path))
     for field in ("bits", "group_size", "qq_scale_bits", "qq_zero_bits", "qq_groupsize"):
         v = q.get(field, 0)
         if not (v is None and field.startswith("qq_")) and (not isinstance(v, int) or isinstance(v, bool)):
             raise StreamqError(f"{path}: quantization_config {field} is {str(v)[:40]}, not an integer")
     try:
-        if q["quant_method"] == "spqr":
-            spqr_format.config_from_quantization_config(q)
-        else:
-            QuantConfig(method="rtn", bits=q["bits"], group_size=q["group_size"], sym=q.get("sym", True) is True)
-    except (StreamqError, KeyError, TypeError, ValueError) as e:
+        fmt.config_from(q)
+    except (StreamqError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise StreamqError(f"{path}: quantization_config: {type(e).__name__ if not str(e) else str(e)[:120]}") from None
 
 
@@ -295,7 +291,7 @@ def check_against_config(ckpt: Checkpoint, layout) -> None:
     tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
     linears = {f"{layout.block_prefix(i)}{k}.weight": m for i in range(n) for k, m in layout.block_linears(i).items()}
     for name, p in layout.model.named_parameters():
-        if name in linears and name not in ckpt.tensors and (ckpt.gptq_bits or ckpt.spqr_config):
+        if name in linears and name not in ckpt.tensors and ckpt.quant_format is not None:
             _check_packed(ckpt, name.removesuffix("weight"), linears[name], where)
         elif name not in ckpt.tensors:
             if name in tied and getattr(layout.config, "tie_word_embeddings", False):
@@ -308,17 +304,13 @@ def check_against_config(ckpt: Checkpoint, layout) -> None:
 
 
 def _check_packed(ckpt: Checkpoint, stem: str, lin, where: str) -> None:
-    """One quantized Linear's packed tensors: present, with the shapes and dtypes its quantization_config implies."""
-    q = ckpt.config["quantization_config"]
+    """One quantized Linear's packed tensors: present, with the shapes and dtypes its quantization_config implies
+    (in the folder's layout format; SpQR's outlier count is read from its outlier_col)."""
+    fmt, cfg = ckpt.quant_format
     try:
-        if ckpt.spqr_config is not None:
-            n_out = ckpt.tensors.get(stem + "outlier_col")
-            shapes = spqr_format.packed_shapes(lin.out_features, lin.in_features, ckpt.spqr_config,
-                                               n_out.shape[0] if n_out and len(n_out.shape) == 1 else 0)
-        else:
-            from streamq.formats.gptq import packed_shapes
-
-            shapes = packed_shapes(lin.out_features, lin.in_features, q["bits"], q["group_size"])
+        n_out = ckpt.tensors.get(stem + "outlier_col")
+        shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg,
+                                   n_out.shape[0] if n_out and len(n_out.shape) == 1 else 0)
     except StreamqError as e:
         raise StreamqError(f"{where}: quantization_config does not fit {stem[:-1]} ({e})") from None
     for k, (shape, dtype) in shapes.items():

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from streamq.errors import OtherRunError, StreamqError, disk_full
-from streamq.options import MANIFEST, WORK_DIR
+from streamq.options import EXPORT_MARKER, MANIFEST, WORK_DIR
 
 LOCK = ".streamq.lock"
 ALWAYS_OURS = (MANIFEST, MANIFEST + ".tmp", LOCK)  # named in no manifest's "files": they are the bookkeeping
@@ -276,8 +276,9 @@ def _locked(path: Path, how: int, flags: int) -> int | None:
 
 def check_readable(folder: Path, allow_incomplete: bool = False) -> None:
     """Readers (eval / load / generate) take only finished outputs: a folder with a streamq manifest must be
-    complete, and a quantized folder must have one. allow_incomplete skips both checks."""
-    if allow_incomplete:
+    complete, and a quantized folder must have one (or be a finished `streamq export`, which carries
+    EXPORT_MARKER). allow_incomplete skips both checks."""
+    if allow_incomplete or (folder / EXPORT_MARKER).is_file():
         return
     if (folder / MANIFEST).exists():
         manifest = read_manifest(folder)

@@ -1,0 +1,171 @@
+"""The compressed-tensors `pack-quantized` layout (llm-compressor's output, vLLM's native wNa16 format),
+written with the compressed-tensors library's own packer and config classes (`pip install streamq[formats]`).
+
+Per quantized Linear `<name>` (out features, in features, b bits, G groups, o = 2^(b-1)):
+  <name>.weight_packed      int32 [out, ceil(in*b/32)]  pack_to_int32 of the signed codes q - o, along rows
+  <name>.weight_scale       fp16  [out, G]              the scales as streamq computed them (possibly signed)
+  <name>.weight_zero_point  int32 [ceil(out*b/32), G]   asym only: pack_to_int32 of the signed true zero z - o,
+                                                        packed along the output dimension
+  <name>.weight_shape       int64 [2]                   (out, in)
+Dequantized: W[r, c] = weight_scale[r, c // gs] * ((q[r, c] - o) - (z[r, c // gs] - o)), which is streamq's
+scale * (q - z) exactly. Symmetric grids (the GPTQ one and the full-range one) have z = o: no zero point.
+There is no g_idx: compressed-tensors 0.20 dropped group act-order, so act-order is stored only with static
+groups (columns quantized in Hessian order, groups in column order: `actorder: static`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from streamq.errors import StreamqError
+from streamq.formats.gptq import GPTQTensors, dense_gptq
+from streamq.methods import QuantResult
+
+NAME = "compressed-tensors"
+SIZED_BY_DATA = False
+
+
+def _library():
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    except ImportError:
+        raise StreamqError("--format compressed-tensors needs the compressed-tensors package: "
+                           "pip install 'streamq[formats]'") from None
+    return pack_to_int32, unpack_from_int32
+
+
+def check(cfg) -> None:
+    if cfg.method == "spqr":
+        raise StreamqError("--format compressed-tensors cannot hold SpQR's outliers and second-level statistics; "
+                           "use --format spqr")
+    if cfg.act_order and not cfg.static_groups and cfg.group_size != -1:
+        raise StreamqError("--format compressed-tensors stores no g_idx (compressed-tensors 0.20 removed group "
+                           "act-order): use --act-order with --static-groups, or --format gptq")
+
+
+def _groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else in_features // group_size
+
+
+def linear_shapes(out_features: int, in_features: int, cfg, n_outliers: int = 0) -> dict:
+    G = _groups(in_features, cfg.group_size)
+    shapes = {
+        "weight_packed": ((out_features, -(-in_features * cfg.bits // 32)), torch.int32),
+        "weight_scale": ((out_features, G), torch.float16),
+        "weight_shape": ((2,), torch.int64),
+    }
+    if not cfg.sym:
+        shapes["weight_zero_point"] = ((-(-out_features * cfg.bits // 32), G), torch.int32)
+    return shapes
+
+
+def tensor_names(cfg) -> tuple[str, ...]:
+    return ("weight_packed", "weight_scale", "weight_shape") + (() if cfg.sym else ("weight_zero_point",))
+
+
+def pack(result: QuantResult, cfg) -> dict[str, Tensor]:
+    """QuantResult (g_idx the column order) -> the tensors above."""
+    pack_to_int32, _ = _library()
+    out_features, in_features = result.codes.shape
+    G = result.scales.shape[0]
+    offset = 1 << (cfg.bits - 1)
+    plain = torch.arange(in_features, device=result.g_idx.device) // (in_features // G)
+    if not torch.equal(result.g_idx.long(), plain):
+        raise StreamqError("compressed-tensors has no g_idx: this layer's groups are not in column order")
+    scales = result.scales.half()
+    if not torch.equal(scales.float(), result.scales.float()):
+        raise StreamqError("scales are not fp16-representable; the checkpoint would not reproduce the weights")
+    tensors = {
+        "weight_packed": pack_to_int32((result.codes.to(torch.int32) - offset).to(torch.int8).cpu(), cfg.bits),
+        "weight_scale": scales.t().contiguous().cpu(),
+        "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+    }
+    zeros = result.zeros.to(torch.int32).cpu() - offset  # [G, out] signed
+    if cfg.sym:
+        if zeros.any():
+            raise StreamqError("a symmetric compressed-tensors layer has zero point 2^(bits-1); this one does not")
+    else:
+        tensors["weight_zero_point"] = pack_to_int32(zeros.t().contiguous().to(torch.int8), cfg.bits, packed_dim=0)
+    return tensors
+
+
+def unpack(tensors: dict[str, Tensor], cfg) -> GPTQTensors:
+    """The tensors above -> codes [out, in] int32 in [0, 2^b), scales [G, out] fp32, zeros [G, out], g_idx."""
+    _, unpack_from_int32 = _library()
+    out_features, in_features = (int(v) for v in tensors["weight_shape"])
+    scale = tensors["weight_scale"]
+    G = scale.shape[1]
+    offset = 1 << (cfg.bits - 1)
+    codes = unpack_from_int32(tensors["weight_packed"], cfg.bits, torch.Size((out_features, in_features)))
+    if cfg.sym:
+        zeros = torch.full((G, out_features), offset, dtype=torch.int32, device=scale.device)
+    else:
+        zp = unpack_from_int32(tensors["weight_zero_point"], cfg.bits, torch.Size((out_features, G)), packed_dim=0)
+        zeros = zp.to(torch.int32).t().contiguous() + offset
+    g_idx = (torch.arange(in_features, device=scale.device) // (in_features // G)).to(torch.int32)
+    return GPTQTensors(codes.to(torch.int32) + offset, scale.t().float().contiguous(), zeros, g_idx)
+
+
+def dequantize(tensors: dict[str, Tensor], cfg) -> Tensor:
+    return dense_gptq(unpack(tensors, cfg))
+
+
+def quantization_config(cfg, quantizer: str) -> dict:
+    """config.json's quantization_config, built with compressed-tensors' own config classes: one config group
+    for every Linear but lm_head, int weights, pack-quantized, already compressed."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.sym,
+                            strategy="channel" if cfg.group_size == -1 else "group",
+                            group_size=None if cfg.group_size == -1 else cfg.group_size,
+                            actorder="static" if cfg.act_order else None, scale_dtype=torch.float16)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+    q = config.model_dump(mode="json")
+    q.update(quantizer=[quantizer], streamq_method=cfg.method, streamq_full_range=cfg.full_range)
+    return q
+
+
+def matches(q: dict) -> bool:
+    return q.get("quant_method") == "compressed-tensors"
+
+
+def config_from(q: dict):
+    """The layout fields of a compressed-tensors quantization_config (one int weight group) as a QuantConfig."""
+    from streamq.config import QuantConfig
+
+    groups = list((q.get("config_groups") or {}).values())
+    if len(groups) != 1 or q.get("format") != "pack-quantized" or not (groups[0].get("weights") or {}):
+        raise StreamqError("streamq reads compressed-tensors folders with one pack-quantized weight group")
+    w = groups[0]["weights"]
+    act_order = w.get("actorder") is not None
+    return QuantConfig(bits=w["num_bits"], group_size=-1 if w.get("group_size") is None else w["group_size"],
+                       sym=w.get("symmetric", True), full_range=q.get("streamq_full_range", False),
+                       act_order=act_order, static_groups=act_order)
+
+
+def linear_module(in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):
+    return PackedQuantizedLinear(in_features, out_features, cfg, bias, device=device, dtype=dtype)
+
+
+from streamq.qlinear import UnpackedCache  # noqa: E402  (qlinear imports formats.gptq, which this module uses)
+
+
+class PackedQuantizedLinear(UnpackedCache):
+    """y = x @ W^T + b with W [out, in] rebuilt from one Linear's pack-quantized tensors (see above)."""
+
+    def __init__(self, in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
+        for name, (shape, dt) in linear_shapes(out_features, in_features, cfg).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def dequantized_weight(self) -> Tensor:
+        """W: [out, in] fp32."""
+        tensors = {k: getattr(self, k) for k in linear_shapes(self.out_features, self.in_features, self.cfg)}
+        return dense_gptq(self.cached(lambda: unpack(tensors, self.cfg)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
