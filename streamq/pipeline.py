@@ -1,7 +1,6 @@
 """compress(): the only loop over decoder blocks, and the only place the pieces are tied together."""
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.progress import BlockProgress
 from streamq.quant.grid import check_group_size
+from streamq.report import run_report
 
 MANIFEST = "streamq_manifest.json"
 REPORT = "streamq_report.json"
@@ -392,7 +392,7 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
     config = dict(ckpt.config)
     config["quantization_config"] = quantization_config(cfg)
     write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device))
+    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, linear_shapes))
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST, manifest)
 
@@ -408,39 +408,3 @@ def quantization_config(cfg: QuantConfig) -> dict:
         "quantizer": [f"streamq:{__version__}"], "streamq_method": cfg.method,
     }
 
-
-def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device) -> dict:
-    """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight (stored
-    bytes; SpQR also as its paper counts them, with the outlier share, overall and per layer in "blocks")."""
-    quant_bytes = quant_weights = n_outliers = 0
-    paper_bits = 0.0  # SpQR: sum over layers of bits per parameter * parameters
-    for i in range(layout.n_blocks):
-        layers = manifest["blocks"][str(i)]["layers"]
-        for name, lin in layout.block_linears(i).items():
-            shapes = linear_shapes(cfg, lin, layers[name].get("n_outliers", 0))
-            quant_weights += lin.in_features * lin.out_features
-            quant_bytes += sum(TensorSpec("", d, s).nbytes for s, d in shapes.values())
-            n_outliers += layers[name].get("n_outliers", 0)
-            paper_bits += layers[name].get("bits_per_parameter", 0.0) * lin.in_features * lin.out_features
-    blocks = manifest["blocks"]
-    report = {
-        "streamq_version": __version__,
-        "source": str(ckpt.folder),
-        "method": cfg.to_dict(),
-        "options": asdict(opts),
-        "device": str(device),
-        "blocks": blocks,
-        "mean_layer_error": sum(r["error"] for b in blocks.values() for r in b["layers"].values())
-        / max(1, sum(len(b["layers"]) for b in blocks.values())),
-        "seconds_total": sum(b["seconds"] for b in blocks.values()),
-        "io_wait_seconds_total": sum(b.get("io_wait_seconds", 0.0) for b in blocks.values()),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_vram_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
-        "bits_per_quantized_weight": 8 * quant_bytes / max(1, quant_weights),
-        "output_bytes": writer.total_size(),
-        "shards": writer.names,
-    }
-    if cfg.method == "spqr":
-        report.update(bits_per_parameter=paper_bits / max(1, quant_weights), n_outliers=n_outliers,
-                      outlier_share=n_outliers / max(1, quant_weights))
-    return report
