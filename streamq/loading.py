@@ -35,11 +35,16 @@ def load_quantized(folder: str | Path, device: str = "cpu", dtype: torch.dtype =
 
 
 @torch.no_grad()
-def generate(folder: str | Path, prompt: str, max_new_tokens: int = 40, device: str = "cpu") -> str:
-    """Greedy continuation of prompt by the compressed model in folder."""
+def generate(folder: str | Path, prompt: str, max_new_tokens: int = 40, device: str = "cpu",
+             stream: bool = False) -> str:
+    """Greedy continuation of prompt by the compressed model in folder. stream: also print the continuation
+    to stdout token by token as it is generated (transformers' TextStreamer), ending with a newline."""
+    from transformers import TextStreamer
+
     model = load_quantized(folder, device)
     tokenizer = load_tokenizer(Path(folder))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -27,7 +27,7 @@ from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
-from streamq.progress import BlockProgress
+from streamq.progress import BlockProgress, phase
 from streamq.quant.grid import check_group_size
 from streamq.report import run_report
 
@@ -233,6 +233,7 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
 
     tokens = None  # 2
     if cfg.method != "rtn":
+        phase(f"tokenizing the calibration text into {opts.nsamples} windows of {opts.seqlen} tokens", opts.progress)
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
 
@@ -249,6 +250,8 @@ def compress(model: str | Path, out: str | Path, cfg: QuantConfig = QuantConfig(
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
     if tokens is not None:
+        phase(f"resuming at block {manifest['next_block'] + 1}/{layout.n_blocks}" if manifest["next_block"] else
+              f"capturing block-0 inputs: the embeddings of {len(tokens)} calibration windows", opts.progress)
         store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, cfg.fp_stream)  # 4
 
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
