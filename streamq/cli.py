@@ -9,9 +9,14 @@ import shlex
 import signal
 import sys
 
+from pathlib import Path
+
+from streamq.config import PRESETS
 from streamq.errors import StreamqError
 from streamq.interrupt import Interrupted, stop_on_signals
 from streamq.methods import names
+
+HELDOUT = Path(__file__).parent / "data" / "heldout.txt"  # = streamq.perplexity.HELDOUT, without importing torch
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
@@ -25,7 +30,22 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the text already names its default, or the default is
+    None (the text says what happens then) or a switch's False/True."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or isinstance(action.default, bool) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line on stderr, exit 2 (argparse would print the whole usage)
         sys.stderr.write(f"streamq: error: {message} (see --help)\n")
         sys.exit(2)
@@ -33,19 +53,24 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="streamq", description="Compress LLMs block by block on machines too small to hold them.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (also accepted "
+                   "after the command)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format (or SpQR) folder")
     c.add_argument("model", help="source model folder (config.json + *.safetensors)")
-    c.add_argument("out", help="output folder")
-    c.add_argument("--method", default="gptq", choices=names())
-    c.add_argument("--preset", default=None, help="a named recipe: autoround light (50 iters, lr 5e-3) | best "
+    c.add_argument("out", help="output folder (created; an interrupted run there is resumed)")
+    c.add_argument("--method", default="gptq", choices=names(),
+                   help="gptq: error-compensating solve per Linear; rtn: round to nearest (no data); autoround: "
+                   "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers")
+    c.add_argument("--preset", default=None, choices=sorted({n for recipes in PRESETS.values() for n in recipes}),
+                   help="a named recipe (default: none): autoround light (50 iters, lr 5e-3) | best "
                    "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
                    "act-order, damp 1.0, asym, 128 samples); explicit flags win")
     # Method flags default to None (= the QuantConfig default, or the preset's value) so a preset can fill them.
-    c.add_argument("--bits", type=int, default=None, help="2, 3, 4 or 8 (default 4)")
-    c.add_argument("--group-size", type=int, default=None, help="input columns per scale; -1 = per channel (128)")
+    c.add_argument("--bits", type=int, default=None, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    c.add_argument("--group-size", type=int, default=None, help="input columns per scale; -1 = per "
+                   "channel (default 128)")
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric grid (default; spqr: refused, it is asym only)")
@@ -55,54 +80,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric grid on all 2^bits levels, scale = +-max|w|/2^(bits-1) (auto-round's; the "
                    "default of --method autoround with --sym)")
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize columns by descending Hessian diagonal (gptq: on by default)")
+                   help="GPTQ: quantize columns by descending Hessian diagonal (default: on for gptq)")
     c.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --act-order: fit group grids up front (gptq: on with --act-order)")
-    c.add_argument("--damp", type=float, default=None, help="Hessian dampening, fraction of mean diag (0.01)")
+                   help="GPTQ with --act-order: fit group grids up front, so g_idx stays the column order "
+                   "(default: on with --act-order)")
+    c.add_argument("--damp", type=float, default=None,
+                   help="GPTQ: Hessian dampening, fraction of mean diag (default 0.01)")
     c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
-                   help="collect all Hessians of a block in one pass")
+                   help="GPTQ: collect all Hessians of a block in one pass (default: per input group)")
     c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
                    "default: the shipped Jane Austen excerpt")
-    c.add_argument("--nsamples", type=int, default=None, help="calibration windows (128)")
-    c.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seeds the choice of calibration windows and the method")
     a = c.add_argument_group("AutoRound")
-    a.add_argument("--iters", type=int, default=None, help="signed-gradient steps per block (200); 0 = RTN")
-    a.add_argument("--lr", type=float, default=None, help="step size, decaying linearly to 0 (1/iters)")
-    a.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (8)")
-    a.add_argument("--grad-accum", type=int, default=None, help="forward passes per step (1)")
+    a.add_argument("--iters", type=int, default=None, help="signed-gradient steps per block "
+                   "(default 200); 0 = RTN")
+    a.add_argument("--lr", type=float, default=None, help="step size, decaying linearly to 0 "
+                   "(default 1/iters)")
+    a.add_argument("--batch-size", type=int, default=None, help="samples per forward pass (default 8)")
+    a.add_argument("--grad-accum", type=int, default=None, help="forward passes per step (default 1)")
     a.add_argument("--no-minmax-tuning", dest="minmax_tuning", action="store_false", default=None,
-                   help="tune the rounding only, not the per-group min/max range")
+                   help="tune the rounding only, not the per-group min/max range (default: both)")
     a.add_argument("--no-fp-targets", dest="fp_targets", action="store_false", default=None,
                    help="tune toward the fp block run on the quantized inputs instead of the fp model's own block "
-                   "outputs (which take a second activation stream: twice the store)")
+                   "outputs (the default, which takes a second activation stream: twice the store)")
     q = c.add_argument_group("SpQR")
     q.add_argument("--qq-scale-bits", type=int, default=None,
                    help="bits of the second-level quantization of group scales (with --qq-zero-bits; default: "
                    "fp16 scales)")
-    q.add_argument("--qq-zero-bits", type=int, default=None, help="bits of the second-level quantization of zeros")
-    q.add_argument("--qq-groupsize", type=int, default=None, help="output rows per second-level scale/zero (16)")
+    q.add_argument("--qq-zero-bits", type=int, default=None,
+                   help="bits of the second-level quantization of zeros (default: fp16 zeros)")
+    q.add_argument("--qq-groupsize", type=int, default=None,
+                   help="output rows per second-level scale/zero (default 16)")
     q.add_argument("--outlier-threshold", type=float, default=None,
                    help="tau: weights whose error exceeds tau * mean sensitivity stay fp16 (inf = none; default inf)")
     q.add_argument("--simplified-outliers", action="store_true", default=None,
-                   help="fit group grids on all weights instead of leaving likely outliers out")
+                   help="fit group grids on all weights instead of leaving likely outliers out (default: off)")
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,
                    help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "
                    "(the default of --method spqr); the first of gptq/compressed-tensors/spqr is OUT's layout, "
                    "each further one is exported into OUT/<format>/")
-    c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (5GB)")
+    c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (default 5GB)")
     resume = c.add_mutually_exclusive_group()
     resume.add_argument("--restart", dest="resume", action="store_const", const="restart", default="auto",
-                        help="discard an earlier run's state in OUT")
+                        help="discard an earlier run's state in OUT (default: resume a matching run)")
     resume.add_argument("--no-resume", dest="resume", action="store_const", const="never",
-                        help="refuse to touch an existing OUT")
-    c.add_argument("--keep-activations", action="store_true", help="keep the activation store after the run")
-    c.add_argument("--no-progress", dest="progress", action="store_false")
+                        help="refuse to touch an existing OUT (default: resume a matching run)")
+    c.add_argument("--keep-activations", action="store_true",
+                   help="keep the activation store after the run (default: deleted)")
+    _add_progress_flag(c)
+    _add_debug_flag(c)
     b = c.add_argument_group("budgets (planned up front; see streamq plan)")
-    b.add_argument("--max-ram", type=parse_size, default=None, help="peak RAM, e.g. 16GB")
-    b.add_argument("--max-vram", type=parse_size, default=None, help="peak GPU memory, e.g. 10GB")
-    b.add_argument("--max-disk", type=parse_size, default=None, help="activation store + output, e.g. 100GB")
+    b.add_argument("--max-ram", type=parse_size, default=None, help="peak RAM, e.g. 16GB (default: no limit)")
+    b.add_argument("--max-vram", type=parse_size, default=None, help="peak GPU memory, e.g. 10GB (default: no limit)")
+    b.add_argument("--max-disk", type=parse_size, default=None,
+                   help="activation store + output, e.g. 100GB (default: no limit)")
 
     pl = sub.add_parser("plan", help="print a compress run's plan (bytes per block, peak RAM/VRAM/disk, time) "
                         "without running it; takes compress's flags")
@@ -110,28 +144,34 @@ def build_parser() -> argparse.ArgumentParser:
     for action in c._actions:  # compress's options, shared as argparse's parents= would share them
         if action.option_strings and action.dest != "help":
             pl._add_action(action)
-    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
     pl.add_argument("--no-benchmark", dest="benchmark", action="store_false",
-                    help="skip the micro-benchmark behind the time estimate")
+                    help="skip the micro-benchmark behind the time estimate (default: run it, a few seconds)")
 
     e = sub.add_parser("eval", help="streaming perplexity of a source or compressed folder")
-    e.add_argument("model")
-    e.add_argument("--data", required=True, help="text file (stride = seqlen windows)")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None, help="only the first N windows")
+    e.add_argument("model", help="a source model folder or a streamq output folder")
+    e.add_argument("--data", default=str(HELDOUT), help="text file, cut into non-overlapping windows of --seqlen "
+                   "tokens (default: the shipped held-out text, streamq/data/heldout.txt)")
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    e.add_argument("--max-windows", type=int, default=None, help="only the first N windows (default: all)")
     _add_compute_flags(e, offload_default="ram")
-    e.add_argument("--no-progress", dest="progress", action="store_false")
-    e.add_argument("--allow-incomplete", action="store_true", help="read an unfinished or manifest-less folder")
+    _add_progress_flag(e)
+    _add_debug_flag(e)
+    e.add_argument("--allow-incomplete", action="store_true",
+                   help="read an unfinished or manifest-less folder (default: refused)")
 
-    g = sub.add_parser("generate", help="greedy continuation by a compressed model")
-    g.add_argument("model")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=40)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--allow-incomplete", action="store_true", help="read an unfinished or manifest-less folder")
+    g = sub.add_parser("generate", help="greedy continuation by a compressed model, printed as it is generated")
+    g.add_argument("model", help="a streamq output folder")
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--allow-incomplete", action="store_true",
+                   help="read an unfinished or manifest-less folder (default: refused)")
+    _add_debug_flag(g)
 
     v = sub.add_parser("verify", help="check an output folder against its manifest: every shard byte, every tensor")
     v.add_argument("out", help="a streamq output folder")
+    _add_debug_flag(v)
 
     x = sub.add_parser("export", help="convert a finished output folder into another format (no recomputing)")
     x.add_argument("out", help="a finished streamq output folder")
@@ -141,17 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: type of the embeddings and output head (q8_0)")
 
     d = sub.add_parser("demo", help="fetch SmolLM2-135M, compress it, compare perplexity, generate")
-    d.add_argument("--out", default=None, help="output folder (default: in the streamq cache)")
-    d.add_argument("--bits", type=int, default=4)
-    d.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround"])
+    d.add_argument("--out", default=None, help="output folder (default: $STREAMQ_CACHE or ~/.cache/streamq, "
+                   "as SmolLM2-135M-Instruct-METHOD-wBITSg64)")
+    d.add_argument("--bits", type=int, default=4, help="bits per weight")
+    d.add_argument("--method", default="gptq", choices=["gptq", "rtn", "autoround"], help="compression method")
+    _add_debug_flag(d)
     return p
 
 
+def _add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar or phase lines (default: a bar on a terminal, one line per block otherwise)")
+
+
+def _add_debug_flag(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: absent after the command, the top-level --debug (or its False) stands
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks instead of one-line errors (default: off)")
+
+
 def _add_compute_flags(p: argparse.ArgumentParser, offload_default: str) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto | float32 | float16 | bfloat16")
+    p.add_argument("--device", default="auto", help="auto (cuda when visible, else cpu) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (float32 on CPU, the checkpoint's 16-bit "
+                   "type on GPU) | float32 | float16 | bfloat16")
     p.add_argument("--offload", default=offload_default, choices=["disk", "ram"],
-                   help=f"where block activations live ({offload_default or 'disk; with --max-ram: ram if it fits'})")
+                   help="where block activations live (default: "
+                   f"{offload_default or 'disk; with --max-ram: ram if it fits'})")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -184,18 +239,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             return 1
         print(f"{args.out}: ok")
     elif args.command == "eval":
-        ppl = streamq.evaluate(args.model, args.data, args.seqlen, max_windows=args.max_windows, device=args.device,
-                               dtype=args.dtype, offload=args.offload, progress=args.progress,
-                               allow_incomplete=args.allow_incomplete)
-        print(f"perplexity {ppl:.4f}")
+        from streamq.io.manifest import reading
+        from streamq.perplexity import evaluate_text
+
+        with reading(args.model, args.allow_incomplete):
+            result = evaluate_text(args.model, args.data, args.seqlen, max_windows=args.max_windows,
+                                   device=args.device, dtype=args.dtype, offload=args.offload, progress=args.progress)
+        print(result.line())
     elif args.command == "generate":
         from streamq.loading import generate
 
-        print(args.prompt + generate(args.model, args.prompt, args.max_new_tokens, args.device,
-                                     allow_incomplete=args.allow_incomplete))
+        print(args.prompt, end="", flush=True)  # the continuation follows token by token
+        generate(args.model, args.prompt, args.max_new_tokens, args.device, allow_incomplete=args.allow_incomplete,
+                 stream=True)
     elif args.command == "export":
-        from pathlib import Path
-
         from streamq.formats.export import export
 
         options = {"head_type": args.head_type} if args.format == "gguf" else {}

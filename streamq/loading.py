@@ -51,11 +51,15 @@ def swap_linears(block: nn.Module, make) -> None:
 
 @torch.no_grad()
 def generate(folder: str | Path, prompt: str, max_new_tokens: int = 40, device: str = "cpu",
-             allow_incomplete: bool = False) -> str:
-    """Greedy continuation of prompt by the compressed model in folder."""
+             allow_incomplete: bool = False, stream: bool = False) -> str:
+    """Greedy continuation of prompt by the compressed model in folder. stream: also print the continuation
+    to stdout token by token as it is generated (transformers' TextStreamer), ending with a newline."""
+    from transformers import TextStreamer
+
     model = load_quantized(folder, device, allow_incomplete=allow_incomplete)
     tokenizer = load_tokenizer(Path(folder))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

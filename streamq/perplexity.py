@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import tempfile
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from streamq.calib.capture import ModelEnds, run_block
 from streamq.calib.data import eval_windows
@@ -15,15 +16,40 @@ from streamq.calib.store import ActivationStore
 from streamq.io.blocks import build_layout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
 from streamq.device import resolve_device, resolve_dtype
+from streamq.progress import iter_blocks
 from streamq.tokenizer import load_tokenizer
+
+HELDOUT = Path(__file__).parent / "data" / "heldout.txt"  # shipped held-out text (never used for calibration)
+
+
+class EvalResult(NamedTuple):
+    perplexity: float
+    windows: int  # windows evaluated, each of seqlen tokens
+    seqlen: int
+
+    @property
+    def predicted_tokens(self) -> int:
+        """Tokens whose NLL is averaged: 1..seqlen-1 of every window."""
+        return self.windows * (self.seqlen - 1)
+
+    def line(self) -> str:
+        return (f"perplexity {self.perplexity:.4f} on {self.windows} windows x {self.seqlen} tokens "
+                f"({self.predicted_tokens} predicted)")
+
+
+def perplexity(model, data, seqlen: int = 2048, **kwargs) -> float:
+    """exp(mean next-token NLL) over non-overlapping seqlen windows (stride = seqlen) of the text file `data`;
+    kwargs: those of evaluate_text."""
+    return evaluate_text(model, data, seqlen, **kwargs).perplexity
 
 
 @torch.no_grad()
-def perplexity(model, data, seqlen: int = 2048, max_windows: int | None = None, device: str = "auto",
-               dtype: str = "auto", offload: str = "ram", progress: bool = True) -> float:
-    """exp(mean next-token NLL) over non-overlapping seqlen windows (stride = seqlen) of the text file `data`.
+def evaluate_text(model, data=HELDOUT, seqlen: int = 2048, max_windows: int | None = None, device: str = "auto",
+                  dtype: str = "auto", offload: str = "ram", progress: bool = True, label: str = "eval") -> EvalResult:
+    """Perplexity of the folder `model` on the text file `data`, with the number of windows it covered.
 
-    Each window predicts its tokens 1..seqlen-1 from the ones before, as GPTQ's evaluation does.
+    Each window predicts its tokens 1..seqlen-1 from the ones before, as GPTQ's evaluation does. label: the
+    progress bar's name (the demo tells "eval source" from "eval compressed").
     """
     ckpt = Checkpoint(model)
     layout = build_layout(ckpt)
@@ -41,7 +67,7 @@ def perplexity(model, data, seqlen: int = 2048, max_windows: int | None = None, 
             hidden, kwargs = ends.block_inputs(windows[j:j + 1])
             store.write("a", j, hidden)
         slot = "a"
-        for i in tqdm(range(layout.n_blocks), desc="eval blocks", disable=not progress):
+        for i in iter_blocks(range(layout.n_blocks), layout.n_blocks, label, progress):
             block = load_block(layout, ckpt, i, dev, dt)
             for j, x in store.iter_samples(slot):
                 store.write(store.other(slot), j, run_block(block, x.to(dev), kwargs))
@@ -52,4 +78,4 @@ def perplexity(model, data, seqlen: int = 2048, max_windows: int | None = None, 
             logits = ends.logits(windows[j:j + 1], x)
             nll += F.cross_entropy(logits[0, :-1], windows[j, 1:].to(logits.device), reduction="sum").item()
     ends.release()
-    return math.exp(nll / (n * (seqlen - 1)))
+    return EvalResult(math.exp(nll / (n * (seqlen - 1))), n, seqlen)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -33,9 +32,10 @@ from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, TensorSpec, Unit, plan_shards
 from streamq.methods import get_method
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
-from streamq.progress import BlockProgress
+from streamq.progress import BlockProgress, phase
 from streamq.tokenizer import load_tokenizer
 from streamq.quant.grid import check_group_size
+from streamq.report import run_report
 
 
 def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
@@ -160,6 +160,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
 
     tokens = None  # 2
     if get_method(cfg.method).calibrated:
+        phase(f"tokenizing the calibration text into {opts.nsamples} windows of {opts.seqlen} tokens", opts.progress)
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
         longest = ckpt.config.get("max_position_embeddings")
@@ -183,6 +184,8 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
     store, kwargs = None, {}
     if tokens is not None:
+        phase(f"resuming at block {manifest['next_block'] + 1}/{layout.n_blocks}" if manifest["next_block"] else
+              f"capturing block-0 inputs: the embeddings of {len(tokens)} calibration windows", opts.progress)
         store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, cfg.fp_stream)  # 4
 
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
@@ -331,43 +334,9 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
     config = output_config(ckpt.config, fmt.quantization_config(cfg, f"streamq:{__version__}"),
                            type(layout.model).__name__)
     write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, fmt))
+    shapes = lambda cfg, lin, n: fmt.linear_shapes(lin.out_features, lin.in_features, cfg, n)  # noqa: E731
+    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, shapes))
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST, manifest)
 
 
-def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device, fmt) -> dict:
-    """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight (stored
-    bytes; SpQR also as its paper counts them, with the outlier share, overall and per layer in "blocks")."""
-    quant_bytes = quant_weights = n_outliers = 0
-    paper_bits = 0.0  # SpQR: sum over layers of bits per parameter * parameters
-    for i in range(layout.n_blocks):
-        layers = manifest["blocks"][str(i)]["layers"]
-        for name, lin in layout.block_linears(i).items():
-            shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg, layers[name].get("n_outliers", 0))
-            quant_weights += lin.in_features * lin.out_features
-            quant_bytes += sum(TensorSpec("", d, s).nbytes for s, d in shapes.values())
-            n_outliers += layers[name].get("n_outliers", 0)
-            paper_bits += layers[name].get("bits_per_parameter", 0.0) * lin.in_features * lin.out_features
-    blocks = manifest["blocks"]
-    report = {
-        "streamq_version": __version__,
-        "source": str(ckpt.folder),
-        "method": cfg.to_dict(),
-        "options": asdict(opts),
-        "device": str(device),
-        "blocks": blocks,
-        "mean_layer_error": sum(r["error"] for b in blocks.values() for r in b["layers"].values())
-        / max(1, sum(len(b["layers"]) for b in blocks.values())),
-        "seconds_total": sum(b["seconds"] for b in blocks.values()),
-        "io_wait_seconds_total": sum(b.get("io_wait_seconds", 0.0) for b in blocks.values()),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_vram_bytes": max((b.get("peak_vram_bytes", 0) for b in blocks.values()), default=0),
-        "bits_per_quantized_weight": 8 * quant_bytes / max(1, quant_weights),
-        "output_bytes": writer.total_size(),
-        "shards": writer.names,
-    }
-    if cfg.method == "spqr":
-        report.update(bits_per_parameter=paper_bits / max(1, quant_weights), n_outliers=n_outliers,
-                      outlier_share=n_outliers / max(1, quant_weights))
-    return report

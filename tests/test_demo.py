@@ -31,3 +31,23 @@ def test_demo_runs_and_redoes_its_stale_cache_folder(tmp_path, monkeypatch, caps
     (out / "streamq_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(OtherRunError, match="belongs to another run"):  # --out given: the user's folder
         demo.run_demo(str(out), 4, "rtn")
+
+
+def test_demo_announces_its_phases_in_order(tmp_path, monkeypatch, capsys):
+    """Fetch, calibration tokenizing, embedding capture, each block, the two evaluations (told apart), generation:
+    each on stderr as it starts, one line each (stderr is not a terminal here)."""
+    src = make_tiny_model(tmp_path / "SmolLM2-tiny", "llama", n_layers=2, shards=1)
+    monkeypatch.setattr(demo, "ensure_smollm2", lambda: src)
+    monkeypatch.setattr(demo, "default_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(demo, "DEMO", {**demo.DEMO, "group_size": 32, "nsamples": 2, "seqlen": 32})
+    monkeypatch.setattr(demo, "EVAL", {"seqlen": 32, "max_windows": 1})
+    demo.run_demo(None, 4, "gptq")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    expected = ["streamq: model: SmolLM2-135M-Instruct", "streamq: compressing", "streamq: tokenizing the calibration",
+                "streamq: capturing block-0 inputs", "block 1/2:", "block 2/2:", "streamq: perplexity of the source",
+                "eval source: block 1/2", "eval source: block 2/2", "eval compressed: block 1/2",
+                "eval compressed: block 2/2", "streamq: generating"]
+    lines = err.splitlines()
+    found = [next((n for n, line in enumerate(lines) if line.startswith(e)), None) for e in expected]
+    assert None not in found and found == sorted(found), (dict(zip(expected, found)), err)
