@@ -61,24 +61,27 @@ def linear_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[
 
 
 @torch.no_grad()
-def collect_hessians(block: nn.Module, names: list[str], samples: Samples, kwargs: dict,
+def collect_hessians(block: nn.Module, inputs: list[list[str]], samples: Samples, kwargs: dict,
                      device: torch.device, hessian_device: torch.device) -> dict[str, torch.Tensor]:
     """One pass over the samples (block forward on device); returns H [in, in] fp32 on hessian_device per
-    named Linear."""
+    named Linear. inputs: Linears grouped by the tensor they read (linear_groups): one accumulation per
+    group, at its first Linear, shared by all of them; the forward stops once every group's input is seen."""
     modules = dict(block.named_modules())
-    accs = {n: HessianAccumulator(modules[n].in_features, hessian_device) for n in names}
-    pending: set[str] = set()
+    accs = [HessianAccumulator(modules[names[0]].in_features, hessian_device) for names in inputs]
+    pending: set[int] = set()
 
-    def hook(module, args, name):
-        accs[name].add(args[0])
-        pending.discard(name)
-        if not pending:
-            raise _StopForward
+    def hook_for(k):
+        def pre_hook(module, args):
+            accs[k].add(args[0])
+            pending.discard(k)
+            if not pending:
+                raise _StopForward
+        return pre_hook
 
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    hooks = [modules[names[0]].register_forward_pre_hook(hook_for(k)) for k, names in enumerate(inputs)]
     try:
         for x in samples():
-            pending.update(names)
+            pending.update(range(len(inputs)))
             try:
                 run_block(block, x.to(device), kwargs)
             except _StopForward:
@@ -86,7 +89,7 @@ def collect_hessians(block: nn.Module, names: list[str], samples: Samples, kwarg
     finally:
         for h in hooks:
             h.remove()
-    return {n: acc.H for n, acc in accs.items()}
+    return {n: acc.H for acc, names in zip(accs, inputs) for n in names}
 
 
 def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
@@ -114,22 +117,25 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig, device: torch.device,
-                   hessian_device: torch.device | None = None,
+                   hessian_device: torch.device | None = None, emit: Callable[[torch.Tensor], None] | None = None,
                    ) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
     """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name.
 
     hessian_device: where the Hessians are accumulated and each layer solved (default: device); the CPU
-    when the block's forward fits the GPU but the Hessian work does not."""
+    when the block's forward fits the GPU but the Hessian work does not. emit: called with the quantized
+    block's output [1, seq, hidden] on each sample, in order (the next block's inputs)."""
     modules = dict(block.named_modules())
     if cfg.method == "rtn":  # data-free: no Hessians, no passes
         return {n: quantize_linear(m, None, cfg) for n, m in modules.items() if isinstance(m, nn.Linear)}
     first = next(iter(samples())).to(device)
     groups = linear_groups(block, first, kwargs)
-    if not cfg.true_sequential:
-        groups = [[n for g in groups for n in g]]
+    passes = [[g] for g in groups] if cfg.true_sequential else [groups]
     results = {}
-    for group in groups:
-        hessians = collect_hessians(block, group, samples, kwargs, device, hessian_device or device)
-        for name in group:
+    for inputs in passes:
+        hessians = collect_hessians(block, inputs, samples, kwargs, device, hessian_device or device)
+        for name in (n for names in inputs for n in names):
             results[name] = quantize_linear(modules[name], hessians.pop(name), cfg)
+    if emit is not None:
+        for x in samples():
+            emit(run_block(block, x.to(device), kwargs))
     return results
