@@ -24,8 +24,8 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     """Block i from its source weights on device: quantized (its Linears hold the fake-quantized weights) and,
     with a store, its outputs on the samples of `slot` written to the other slot. Returns results by Linear.
 
-    lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU; AutoRound feeds half its
-    minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
+    lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU, no block intermediates kept
+    between passes (recomputed instead); AutoRound feeds half its minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
     """
     release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
     block = load_block(layout, ckpt, i, device, dtype)
@@ -36,10 +36,13 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
             fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
                               chunk=max(1, cfg.batch_size // 2) if lean else None)
-    samples = (lambda: (x for _, x in store.iter_samples(slot))) if store else None
-    results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
-    if store is not None:
-        propagate(block, store, slot, store.other(slot), kwargs, device)
+    if store is None:
+        return quantize_block(block, None, kwargs, cfg, device, CPU if lean else device)
+    dest, written = store.other(slot), iter(range(store.nsamples))
+    results = quantize_block(block, lambda: (x for _, x in store.iter_samples(slot)), kwargs, cfg, device,
+                             CPU if lean else device, emit=lambda y: store.write(dest, next(written), y),
+                             keep_bytes=0 if lean else None)
+    store.flush(dest)
     return results
 
 

@@ -15,6 +15,7 @@ from streamq.config import QuantConfig
 from streamq.quant.block import quantize_block
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import HessianAccumulator
+from streamq.quant.stages import plan, trace
 from tests.conftest import make_tiny_model
 from tests.reference import load_with_block0_inputs
 
@@ -68,11 +69,11 @@ def block_and_inputs(tmp_path, arch):
 
 
 class LinearCalls:
-    """Counts each Linear's forward calls (replayed modules do not call theirs)."""
+    """Counts each Linear's completed forward calls (a pass stopped at its input does not count)."""
 
     def __init__(self, block):
         self.n = {}
-        self.hooks = [m.register_forward_pre_hook(lambda m, a, n=n: self.n.__setitem__(n, self.n.get(n, 0) + 1))
+        self.hooks = [m.register_forward_hook(lambda m, a, o, n=n: self.n.__setitem__(n, self.n.get(n, 0) + 1))
                       for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
     def remove(self):
@@ -100,7 +101,29 @@ def test_block_bit_identical_to_plain_true_sequential(tmp_path, arch, act_order)
     for a, b in zip(got_out, want_out):
         assert torch.equal(a, b)
     # each Linear runs once per sample, plus once in the probe (today: up to 5 times per sample)
-    # assert max(calls.n.values()) <= NS + 1, calls.n
+    assert max(calls.n.values()) <= NS + 1, calls.n
+
+
+@pytest.mark.parametrize("keep", [0, SEQ * 64 * 4])  # nothing kept / one hidden-wide output per sample
+def test_block_within_keep_budget_still_bit_identical(tmp_path, keep):
+    block, xs, kw = block_and_inputs(tmp_path, "llama")
+    cfg = QuantConfig(bits=4, group_size=32)
+    plain = copy.deepcopy(block)
+    want, want_out = plain_true_sequential(plain, xs, kw, cfg)
+    t = trace(block, xs[0], kw)
+    p = plan(t, True, keep)
+    assert p.peak_bytes <= keep and plan(t, True, None).peak_bytes > keep
+    got_out = []
+    got = quantize_block(block, lambda: iter(xs), kw, cfg, torch.device("cpu"), emit=got_out.append, keep_bytes=keep)
+    assert all(torch.equal(got[n][0].codes, r.codes) for n, r in want.items())
+    assert all(torch.equal(a, b) for a, b in zip(got_out, want_out))
+
+
+def test_plan_llama_replays_attention_and_mlp(tmp_path):
+    block, xs, kw = block_and_inputs(tmp_path, "llama")
+    p = plan(trace(block, xs[0], kw), True, None)
+    assert p.build == {"self_attn": 1, "mlp": 3}  # built from o_proj / down_proj inputs after their solves
+    assert p.replay[-1] == ["self_attn", "mlp"]  # the output pass runs only norms and residual adds
 
 
 def test_hessians_shared_by_linears_reading_one_tensor(tmp_path, monkeypatch):
