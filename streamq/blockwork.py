@@ -16,6 +16,7 @@ from streamq.io.checkpoint import Checkpoint
 from streamq.quant.autoround import autoround_block
 from streamq.quant.block import LayerReport, quantize_block
 from streamq.quant.grid import QuantResult
+from streamq.quant.stages import KEEP_BYTES
 
 
 def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
@@ -41,7 +42,7 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     dest, written = store.other(slot), iter(range(store.nsamples))
     results = quantize_block(block, lambda: (x for _, x in store.iter_samples(slot)), kwargs, cfg, device,
                              CPU if lean else device, emit=lambda y: store.write(dest, next(written), y),
-                             keep_bytes=0 if lean else None)
+                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples)
     store.flush(dest)
     return results
 

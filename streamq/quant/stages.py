@@ -23,6 +23,11 @@ from torch import nn
 
 from streamq.calib.capture import run_block
 
+# Most bytes of block intermediates kept between passes, all samples together (footprint.py counts them): at
+# SmolLM2-135M width (32 x 512 tokens) everything fits (~140 MB fp32); at 7B width (128 x 2048, bf16) the
+# attention output is kept and the MLP recomputed in the output pass.
+KEEP_BYTES = 1 << 30
+
 
 @dataclass
 class Trace:
