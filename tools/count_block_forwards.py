@@ -1,6 +1,6 @@
 """Full-forward equivalents per block of quantize_block's GPTQ, counted with hooks (not timed).
 
-    .venv/bin/python tools/count_block_forwards.py [MODEL_DIR] [--nsamples 8] [--seqlen 128] [--baseline OLD_BLOCK.py]
+    .venv/bin/python tools/count_block_forwards.py [MODEL_DIR] [--nsamples 8] [--seqlen 128] [--baseline OLD_BLOCK.py] [--rounds 2]
 
 MODEL_DIR: a Hugging Face model folder (default: a tiny random Llama, as the tests build). Block 0 is quantized
 (GPTQ w4 g64, true-sequential) on nsamples random-token windows, including the pass that produces its outputs.
@@ -16,6 +16,7 @@ import sys
 import copy
 import importlib.util
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -90,8 +91,10 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--baseline")
+    ap.add_argument("--rounds", type=int, default=1, help="timed rounds (interleaved)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     block, xs, kw = inputs(block0(args.model), args.nsamples, args.seqlen)
     cfg = QuantConfig(bits=4, group_size=64 if block.mlp.down_proj.in_features % 64 == 0 else 32) \
         if hasattr(block, "mlp") else QuantConfig(bits=4, group_size=32)
@@ -111,10 +114,16 @@ def main() -> None:
                 for x in xs:
                     run_block(b, x, kw)
         runs["baseline + output pass"] = baseline
-    for name, run in runs.items():
-        b = copy.deepcopy(block)
-        linear, attn = count(lambda: run(b), b, len(xs))
-        print(f"{name}: Linear work {linear:.2f} forwards, attention {attn:.2f} forwards per block")
+    seconds = {name: [] for name in runs}
+    for k in range(args.rounds):  # interleaved, so machine load hits every variant alike
+        for name, run in runs.items():
+            b = copy.deepcopy(block)
+            start = time.perf_counter()
+            linear, attn = count(lambda: run(b), b, len(xs))
+            seconds[name].append(time.perf_counter() - start)
+            if k == args.rounds - 1:
+                print(f"{name}: Linear work {linear:.2f} forwards, attention {attn:.2f} forwards per block; "
+                      f"wall {' / '.join(f'{t:.1f}' for t in seconds[name])} s")
 
 
 if __name__ == "__main__":
