@@ -126,8 +126,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
                 code = C1[:, i : i + 1] = quantize_codes(w, scale, zero, cfg.maxq)
                 q = Q[:, c : c + 1] = dequantize(code, scale, zero)
                 err = Err1[:, i : i + 1] = (w - q) / d1[i]
+                losses += err[:, 0] ** 2 / 2  # per column, as the reference sums it (SpQR's loss matches)
                 W1[:, i + 1 :] -= err @ Hinv1[i : i + 1, i + 1 :]  # column i itself is done
-        losses += Err1.square().sum(dim=1) / 2
         codes[:, i1:i2] = C1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     g_idx = torch.arange(cols, device=W.device, dtype=torch.int32) // gs
