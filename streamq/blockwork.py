@@ -17,6 +17,7 @@ from streamq.io.checkpoint import Checkpoint
 from streamq.methods import QuantResult, get_method
 from streamq.quant.autoround import autoround_block
 from streamq.quant.block import LayerReport, quantize_block
+from streamq.quant.stages import KEEP_BYTES
 
 
 def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
@@ -25,8 +26,8 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     """Block i from its source weights on device: quantized (its Linears hold the fake-quantized weights) and,
     with a store, its outputs on the samples of `slot` written to the other slot. Returns results by Linear.
 
-    lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU; AutoRound feeds half its
-    minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
+    lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU, no block intermediates kept
+    between passes (recomputed instead); AutoRound feeds half its minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
     """
     release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
     block = load_block(layout, ckpt, i, device, dtype)
@@ -37,12 +38,21 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
             fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
                               chunk=max(1, cfg.batch_size // 2) if lean else None)
-    samples = None
-    if store is not None:
-        samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
-    results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device)
-    if store is not None:
-        propagate(block, store, slot, store.other(slot), kwargs, device, what=f"block {i + 1}/{layout.n_blocks}")
+    if store is None:
+        return quantize_block(block, None, kwargs, cfg, device, CPU if lean else device)
+    dest, written = store.other(slot), iter(range(store.nsamples))
+    what = f"block {i + 1}/{layout.n_blocks}"
+
+    def emit(y: torch.Tensor) -> None:  # the quantized block's output for the next sample: the next block's input
+        j = next(written)
+        y = y.to(store.dtype)
+        check_finite(y, f"{what} outputs (sample {j})")
+        store.write(dest, j, y)
+
+    samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
+    results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device, emit=emit,
+                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples)
+    store.flush(dest)
     return results
 
 

@@ -10,8 +10,10 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
               | PREFETCH * seqlen * hidden * c           offload disk: the samples in flight
     capture   = embeddings in c + max(one of them as read, fwd)                            stage 4
     block_i   = BLOCK_SLACK * (Wc + max(read,                                              materialize
-                                        H_group + fwd + 2 * seqlen * in_max * 4 + R,      Hessian pass
-                                        H_group + solver(L) + R))                          solve, worst L
+                                        H_group + fwd + 2 * seqlen * in_max * 4 + R + K,  Hessian pass
+                                        H_group + solver(L) + R + K))                      solve, worst L
+    K         = min(nsamples * seqlen * (hidden + inter) * c, KEEP_BYTES): true-sequential GPTQ/SpQR's kept
+                intermediates (quant/stages.py; at most the attention output and the down projection's input)
     solver(L) = max(4 Hu + Wu, Hu + 3 Wu + 4 min(Wu, ERROR_CHUNK)) + SOLVER_SLACK  (+ Wu when c != 4)
     read      = a tensor as read: its isfinite mask, plus its mapped source bytes when it is cast
     fwd       = seqlen * (8 * hidden + 4 * inter) * c      one sample through the block (sdpa, no mask)
@@ -52,6 +54,7 @@ from streamq.io.writer import ShardWriter, plan_shards
 from streamq.methods import get_method
 from streamq.options import TOKENIZER_FILES, RunOptions
 from streamq.pipeline import plan_units
+from streamq.quant.stages import KEEP_BYTES
 
 RUN_OVERHEAD = 64 << 20  # added after planning: tokenizer, calibration, zarr, tqdm (measured 30 MB); heap noise
 PREFETCH = 3  # disk store samples in memory at once: the one in use, the one being read, its copy
@@ -107,6 +110,8 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,
         "pending_bytes": max((u.nbytes for k, u in writer.units.items() if k.startswith("block.")), default=0),
+        "keep_bytes": min(opts.nsamples * opts.seqlen * (hidden + inter) * c, KEEP_BYTES)
+        if get_method(cfg.method).footprint == "gptq" and cfg.true_sequential else 0,
         "samples_per_forward": min(cfg.batch_size, opts.nsamples) if get_method(cfg.method).footprint == "autoround" else 1,
     }
 
@@ -140,7 +145,7 @@ def block_bytes(b: dict, f: dict, method: str, seqlen: int) -> int:
     elif method == "rtn":
         phases = [max(solver_bytes("rtn", o, i, c) for o, i in b["linears"].values())]
     else:
-        results = params * (1 + (4 if c != 4 else 0))
+        results = params * (1 + (4 if c != 4 else 0)) + f["keep_bytes"]  # R + K
         phases = []
         for group in b["groups"]:
             held = sum(b["linears"][n][1] ** 2 * 4 for n in group)

@@ -201,3 +201,33 @@ def test_chunked_tokenization_matches_whole_and_is_quiet(tmp_path, monkeypatch):
     assert data.tokenize(tok, [text])[0].tolist() == whole
     assert all(is_slice(row, whole) for row in w[:2])
     assert torch.equal(w, calibration_windows(tok, path, nsamples=8, seqlen=256, seed=0))
+
+
+def test_token_windows_from_npy_and_jsonl(tmp_path, tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    arr = np.random.default_rng(0).integers(0, vocab, size=(5, 12), dtype=np.int64)
+    np.save(tmp_path / "w.npy", arr)
+    (tmp_path / "w.jsonl").write_text("\n".join(json.dumps(r.tolist()) for r in arr) + "\n")
+    for name in ("w.npy", "w.jsonl"):
+        got = calibration_windows(tiny_tokenizer, str(tmp_path / name), 4, 10)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.from_numpy(arr[:4, :10]))
+
+
+@pytest.mark.parametrize("content, match", [
+    (np.array([[1, 2], [3, 4]], dtype=object), "not a plain .npy"),  # a pickle inside: refused, never loaded
+    (np.zeros((4, 12), dtype=np.float32), "2-d integer"),
+    (np.zeros(48, dtype=np.int64), "2-d integer"),
+    (np.zeros((3, 12), dtype=np.int64), "holds 3 windows, need 4"),
+    (np.zeros((4, 8), dtype=np.int64), "has 8 ids, need 10"),
+    (np.full((4, 12), 10**6, dtype=np.int64), "ids must be in"),
+])
+def test_bad_token_windows_are_one_line_errors(tmp_path, tiny_tokenizer, content, match):
+    np.save(tmp_path / "w.npy", content, allow_pickle=True)
+    with pytest.raises(StreamqError, match=match):
+        calibration_windows(tiny_tokenizer, str(tmp_path / "w.npy"), 4, 10)
+
+
+def test_jsonl_token_lines_must_be_integer_lists(tmp_path, tiny_tokenizer):
+    (tmp_path / "w.jsonl").write_text("[1, 2, 3]\n[1, 2.5, 3]\n")
+    with pytest.raises(StreamqError, match="w.jsonl:2: expected a JSON list of integer token ids"):
+        calibration_windows(tiny_tokenizer, str(tmp_path / "w.jsonl"), 2, 3)

@@ -3,6 +3,9 @@
 A spec is ``PATH[:num=N][:concat=True|False]``, comma-separated for several sources. PATH is a .txt file
 (the whole file is one document), a .jsonl file (field ``text`` of each line is one document) or a
 folder (its .txt/.jsonl files, sorted by name, not recursive).
+
+Token windows instead of text (so other tools can be fed exactly the same data): a .npy file of int token ids
+[n, seqlen] (read with allow_pickle=False), or a .jsonl file whose lines are JSON lists of token ids.
 """
 from __future__ import annotations
 
@@ -119,6 +122,8 @@ def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: 
     """
     if nsamples < 1 or seqlen < 1:
         raise StreamqError(f"--nsamples {nsamples} / --seqlen {seqlen}: both must be positive")
+    if is_token_file(spec):
+        return token_windows(spec, nsamples, seqlen, len(tokenizer))
     sources = parse_calib_spec(spec)
     shares = _shares(spec, sources, nsamples)
     gen = torch.Generator().manual_seed(seed)
@@ -147,6 +152,56 @@ def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: 
                 s = int(torch.randint(0, len(doc) - seqlen + 1, (1,), generator=gen))
                 windows.append(doc[s:s + seqlen])
     return torch.stack(windows)
+
+
+def is_token_file(spec: str) -> bool:
+    """spec is one .npy file, or one .jsonl file whose first non-blank line is a JSON list (token ids)."""
+    if spec.endswith(".npy"):
+        return True
+    if not spec.endswith(".jsonl") or not os.path.isfile(spec):
+        return False
+    with open(spec, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    return first.lstrip().startswith("[")
+
+
+def token_windows(path: str, nsamples: int, seqlen: int, vocab: int) -> torch.LongTensor:
+    """The first nsamples windows of a token-id file, each cut to its first seqlen ids: [nsamples, seqlen] int64.
+    Every id must be in [0, vocab); every window needs at least seqlen ids."""
+    if not os.path.isfile(path):
+        raise StreamqError(f"calibration tokens {path}: no such file")
+    if path.endswith(".npy"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise StreamqError(f"calibration tokens {path}: not a plain .npy array ({e})") from None
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise StreamqError(f"calibration tokens {path}: expected a 2-d integer array [n, seqlen], "
+                               f"got {arr.dtype} of shape {list(arr.shape)}")
+        rows = [arr[i] for i in range(arr.shape[0])]
+    else:
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    ids = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise StreamqError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                    raise StreamqError(f"{path}:{lineno}: expected a JSON list of integer token ids")
+                rows.append(np.asarray(ids, dtype=np.int64))
+    if len(rows) < nsamples:
+        raise StreamqError(f"calibration tokens {path}: holds {len(rows)} windows, need {nsamples} (--nsamples)")
+    short = min(len(r) for r in rows[:nsamples])
+    if short < seqlen:
+        raise StreamqError(f"calibration tokens {path}: a window has {short} ids, need {seqlen} (--seqlen)")
+    out = torch.from_numpy(np.stack([np.asarray(r[:seqlen], dtype=np.int64) for r in rows[:nsamples]]))
+    if out.min() < 0 or out.max() >= vocab:
+        raise StreamqError(f"calibration tokens {path}: ids must be in [0, {vocab}) (the tokenizer's vocabulary), "
+                           f"found {int(out.min())}..{int(out.max())}")
+    return out
 
 
 def _shares(spec: str, sources: list[CalibSource], nsamples: int) -> list[int]:

@@ -2,8 +2,9 @@
 method solves each layer, and the block's weights become the fake-quantized ones.
 
 True-sequential order: Linears that read the same input tensor (q/k/v, then o, then gate/up, then down) form
-a group; a group's Hessians are collected with every earlier group already quantized, as in GPTQ's
-`--true-sequential`. A collection pass stops as soon as the group's last Linear has seen its input.
+a group with one shared Hessian; a group's Hessian is collected with every earlier group already quantized, as
+in GPTQ's `--true-sequential`. A collection pass stops as soon as the group's input is seen, and what earlier
+passes computed final is replayed rather than recomputed (stages.py): each part of the block runs about once.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from streamq.forward import run_block
 from streamq.methods import QuantResult, get_method
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.spqr import SpQRResult
+from streamq.quant.stages import Plan, Replay, Trace, clone_output, plan, swap, trace
 
 Samples = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the block's inputs, each [1, seq, hidden]
 
@@ -41,50 +43,61 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def linear_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Names of the block's Linears grouped by the input tensor they read, in execution order."""
-    seen: list[tuple[str, torch.Tensor]] = []  # tensors kept alive so no two inputs share an id
-    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, args[0])))
-             for name, m in block.named_modules() if isinstance(m, nn.Linear)]
-    try:
-        run_block(block, x, kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    groups: dict[int, list[str]] = {}
-    for name, t in seen:
-        if name not in groups.setdefault(id(t), []):
-            groups[id(t)].append(name)
-    return list(groups.values())
-
-
-@torch.no_grad()
-def collect_hessians(block: nn.Module, names: list[str], samples: Samples, kwargs: dict,
-                     device: torch.device, hessian_device: torch.device) -> dict[str, torch.Tensor]:
-    """One pass over the samples (block forward on device); returns H [in, in] fp32 on hessian_device per
-    named Linear."""
+def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwargs: dict, device: torch.device,
+             hessian_device: torch.device, kept: dict[str, list], emit: Callable | None) -> dict[str, torch.Tensor]:
+    """Pass j of plan p over the samples: p.replay[j] replaced by their kept outputs, the outputs p.record[j]
+    and the inputs of the tails p.build[j] kept (into `kept`), pass j's Hessians collected (H [in, in] fp32 on
+    hessian_device, one per input tensor, by Linear name) or, in the last pass, each output handed to emit."""
     modules = dict(block.named_modules())
-    accs = {n: HessianAccumulator(modules[n].in_features, hessian_device) for n in names}
-    pending: set[str] = set()
+    groups = p.passes[j] if j < len(p.passes) else []
+    accs = [HessianAccumulator(modules[g[0]].in_features, hessian_device) for g in groups]
+    builds = [[m for m, b in p.build.items() if b == j and t.tails[m] in g] for g in groups]
+    pending: set[int] = set()
+    at = [0]  # the sample being run, for the stand-ins
 
-    def hook(module, args, name):
-        accs[name].add(args[0])
-        pending.discard(name)
-        if not pending:
-            raise _StopForward
+    def hook_for(k):
+        def pre_hook(module, args):
+            accs[k].add(args[0])
+            for m in builds[k]:
+                kept[m].append(args[0])
+            pending.discard(k)
+            if not pending:
+                raise _StopForward
+        return pre_hook
 
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    def keep(m):
+        return lambda module, args, out: kept[m].append(clone_output(out))
+
+    hooks = [modules[g[0]].register_forward_pre_hook(hook_for(k)) for k, g in enumerate(groups)]
+    hooks += [modules[m].register_forward_hook(keep(m)) for m, r in p.record.items() if r == j]
+    replaced = {m: swap(block, m, Replay(modules[m], kept[m], at)) for m in p.replay[j]}
     try:
-        for x in samples():
-            pending.update(names)
+        for k, x in enumerate(samples()):
+            at[0] = k
+            pending.update(range(len(groups)))
             try:
-                run_block(block, x.to(device), kwargs)
+                y = run_block(block, x.to(device), kwargs)
             except _StopForward:
-                pass
+                continue
+            if emit is not None:
+                emit(y)
     finally:
         for h in hooks:
             h.remove()
-    return {n: acc.H for n, acc in accs.items()}
+        for m, original in replaced.items():
+            swap(block, m, original)
+    return {n: acc.H for acc, g in zip(accs, groups) for n in g}
+
+
+def build_tails(block: nn.Module, t: Trace, p: Plan, j: int, kept: dict[str, list]) -> None:
+    """After pass j's solve: each tail built in pass j becomes its (now quantized) Linear applied to the kept
+    input, shaped as the module returns it; the inputs are dropped."""
+    for m, b in p.build.items():
+        if b == j:
+            linear = block.get_submodule(t.tails[m])
+            outs = [linear(x) for x in kept[m]]
+            n = t.tail_len[m]
+            kept[m] = [(y, *([None] * (n - 1))) if n else y for y in outs]
 
 
 def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
@@ -106,22 +119,31 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig, device: torch.device,
-                   hessian_device: torch.device | None = None,
-                   ) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
+                   hessian_device: torch.device | None = None, emit: Callable[[torch.Tensor], None] | None = None,
+                   keep_bytes: int | None = None) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
     """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name.
 
     hessian_device: where the Hessians are accumulated and each layer solved (default: device); the CPU
-    when the block's forward fits the GPU but the Hessian work does not."""
+    when the block's forward fits the GPU but the Hessian work does not. emit: called with the quantized
+    block's output [1, seq, hidden] on each sample, in order (the next block's inputs). keep_bytes: most bytes
+    per sample of intermediate outputs kept between passes (None: no limit; 0: recompute everything)."""
     modules = dict(block.named_modules())
     if not get_method(cfg.method).calibrated:  # data-free (RTN): no Hessians, no passes
-        return {n: quantize_linear(m, None, cfg) for n, m in modules.items() if isinstance(m, nn.Linear)}
-    first = next(iter(samples())).to(device)
-    groups = linear_groups(block, first, kwargs)
-    if not cfg.true_sequential:
-        groups = [[n for g in groups for n in g]]
+        results = {n: quantize_linear(m, None, cfg) for n, m in modules.items() if isinstance(m, nn.Linear)}
+        if emit is not None:
+            for x in samples():
+                emit(run_block(block, x.to(device), kwargs))
+        return results
+    t = trace(block, next(iter(samples())).to(device), kwargs)
+    p = plan(t, cfg.true_sequential, keep_bytes)
+    kept = {m: [] for m in [*p.record, *p.build]}
+    last_use = {m: max(j for j, r in enumerate(p.replay) if m in r) for m in kept}
     results = {}
-    for group in groups:
-        hessians = collect_hessians(block, group, samples, kwargs, device, hessian_device or device)
-        for name in group:
+    for j in range(len(p.passes) + (emit is not None)):
+        hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit)
+        for name in (n for g in p.passes[j] for n in g) if j < len(p.passes) else ():
             results[name] = quantize_linear(modules[name], hessians.pop(name), cfg)
+        build_tails(block, t, p, j, kept)
+        for m in [m for m, last in last_use.items() if last == j]:
+            del kept[m]
     return results

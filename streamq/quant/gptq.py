@@ -9,6 +9,7 @@ usual group_size == block_columns == 128 both agree.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -70,6 +71,19 @@ def batch_bounds(cols: int, width: int, group: int | None) -> list[tuple[int, in
     return list(zip(s, s[1:] + [cols]))
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """torch's intra-op thread count set to n inside the block (restored after). The column loop's ops are a
+    few [rows, <=block_columns] slices each: a hand-off to another thread costs more than it saves (10x more on
+    a loaded machine), and elementwise ops and rank-1 products give the same bits on any thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize W: [out, in] given H: [in, in] = 2/N sum x^T x (undamped), on W's device.
 
@@ -100,25 +114,23 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     losses = W.new_zeros(rows)
     for i1, i2 in batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            c = i1 + i
-            if cfg.static_groups:
-                scale, zero = grids[group_of[c]]
-            elif c % gs == 0:  # a batch start (see batch_bounds): W[:, c:] has every earlier update
-                scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range)
-                scales[c // gs], zeros[c // gs] = scale, zero
-            w, d = W1[:, i : i + 1], Hinv1[i, i]
-            code = quantize_codes(w, scale, zero, cfg.maxq)
-            codes[:, c : c + 1] = code
-            q = dequantize(code, scale, zero)
-            Q[:, c : c + 1] = q
-            err = (w - q) / d
-            losses += err[:, 0] ** 2 / 2
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
+        Err1, C1, d1 = torch.zeros_like(W1), torch.zeros_like(W1), Hinv1.diagonal().tolist()
+        with _intra_op_threads(1):
+            for i in range(i2 - i1):
+                c = i1 + i
+                if cfg.static_groups:
+                    scale, zero = grids[group_of[c]]
+                elif c % gs == 0:  # a batch start (see batch_bounds): W[:, c:] has every earlier update
+                    scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range)
+                    scales[c // gs], zeros[c // gs] = scale, zero
+                w = W1[:, i : i + 1]
+                code = C1[:, i : i + 1] = quantize_codes(w, scale, zero, cfg.maxq)
+                q = Q[:, c : c + 1] = dequantize(code, scale, zero)
+                err = Err1[:, i : i + 1] = (w - q) / d1[i]
+                losses += err[:, 0] ** 2 / 2  # per column, as the reference sums it (SpQR's loss matches)
+                W1[:, i + 1 :] -= err @ Hinv1[i : i + 1, i + 1 :]  # column i itself is done
+        codes[:, i1:i2] = C1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
     g_idx = torch.arange(cols, device=W.device, dtype=torch.int32) // gs
     if cfg.static_groups:
         scales, zeros = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])

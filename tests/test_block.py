@@ -1,0 +1,141 @@
+"""quantize_block: bit-identical to plain true-sequential GPTQ (a full block forward per group, one Hessian per
+Linear), while sharing Hessians between Linears that read one tensor and computing each stage of the block once."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from streamq.calib.capture import run_block
+from streamq.calib.data import calibration_windows
+from streamq.config import QuantConfig
+from streamq.quant.block import quantize_block
+from streamq.quant.gptq import gptq_quantize
+from streamq.quant.hessian import HessianAccumulator
+from streamq.quant.stages import plan, trace
+from tests.conftest import make_tiny_model
+from tests.reference import load_with_block0_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NS, SEQ = 5, 40
+
+
+def input_groups(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Linears grouped by the tensor they read, in call order (the test's own probe)."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, a[0])))
+             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        run_block(block, x, kwargs)
+    for h in hooks:
+        h.remove()
+    groups = []
+    for name, t in calls:
+        match = [g for g in groups if g[1] is t]
+        if match:
+            match[0][0].append(name)
+        else:
+            groups.append(([name], t))
+    return [g for g, _ in groups]
+
+
+@torch.no_grad()
+def plain_true_sequential(block, xs, kwargs, cfg):
+    """Per group: every sample through the whole block, one accumulator per Linear; then the outputs."""
+    mods = dict(block.named_modules())
+    results = {}
+    for group in input_groups(block, xs[0], kwargs):
+        accs = {n: HessianAccumulator(mods[n].in_features) for n in group}
+        hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0])) for n in group]
+        for x in xs:
+            run_block(block, x, kwargs)
+        for h in hooks:
+            h.remove()
+        for n in group:
+            r = gptq_quantize(mods[n].weight.detach().float(), accs[n].H, cfg).result
+            mods[n].weight.data = r.weight
+            results[n] = r
+    return results, [run_block(block, x, kwargs) for x in xs]
+
+
+def block_and_inputs(tmp_path, arch):
+    src = make_tiny_model(tmp_path / arch, arch, n_layers=1)
+    tokens = calibration_windows(AutoTokenizer.from_pretrained(src), str(src / "calib.txt"), NS, SEQ)
+    _, layers, _, inputs, kw = load_with_block0_inputs(src, tokens)
+    return layers[0], inputs, kw
+
+
+class LinearCalls:
+    """Counts each Linear's completed forward calls (a pass stopped at its input does not count)."""
+
+    def __init__(self, block):
+        self.n = {}
+        self.hooks = [m.register_forward_hook(lambda m, a, o, n=n: self.n.__setitem__(n, self.n.get(n, 0) + 1))
+                      for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen3"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_block_bit_identical_to_plain_true_sequential(tmp_path, arch, act_order):
+    block, xs, kw = block_and_inputs(tmp_path, arch)
+    cfg = QuantConfig(bits=4, group_size=32, act_order=act_order, static_groups=act_order)
+    plain = copy.deepcopy(block)
+    want, want_out = plain_true_sequential(plain, xs, kw, cfg)
+    got_out = []
+    calls = LinearCalls(block)
+    got = quantize_block(block, lambda: iter(xs), kw, cfg, torch.device("cpu"), emit=got_out.append)
+    calls.remove()
+    assert set(got) == set(want)
+    for name, r in want.items():
+        g = got[name][0]
+        for field in ("weight", "codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(g, field), getattr(r, field)), f"{arch} {name}.{field}"
+    assert len(got_out) == NS
+    for a, b in zip(got_out, want_out):
+        assert torch.equal(a, b)
+    # each Linear runs once per sample, plus once in the probe (today: up to 5 times per sample)
+    assert max(calls.n.values()) <= NS + 1, calls.n
+
+
+@pytest.mark.parametrize("keep", [0, SEQ * 64 * 4])  # nothing kept / one hidden-wide output per sample
+def test_block_within_keep_budget_still_bit_identical(tmp_path, keep):
+    block, xs, kw = block_and_inputs(tmp_path, "llama")
+    cfg = QuantConfig(bits=4, group_size=32)
+    plain = copy.deepcopy(block)
+    want, want_out = plain_true_sequential(plain, xs, kw, cfg)
+    t = trace(block, xs[0], kw)
+    p = plan(t, True, keep)
+    assert p.peak_bytes <= keep and plan(t, True, None).peak_bytes > keep
+    got_out = []
+    got = quantize_block(block, lambda: iter(xs), kw, cfg, torch.device("cpu"), emit=got_out.append, keep_bytes=keep)
+    assert all(torch.equal(got[n][0].codes, r.codes) for n, r in want.items())
+    assert all(torch.equal(a, b) for a, b in zip(got_out, want_out))
+
+
+def test_plan_llama_replays_attention_and_mlp(tmp_path):
+    block, xs, kw = block_and_inputs(tmp_path, "llama")
+    p = plan(trace(block, xs[0], kw), True, None)
+    assert p.build == {"self_attn": 1, "mlp": 3}  # built from o_proj / down_proj inputs after their solves
+    assert p.replay[-1] == ["self_attn", "mlp"]  # the output pass runs only norms and residual adds
+
+
+def test_hessians_shared_by_linears_reading_one_tensor(tmp_path, monkeypatch):
+    block, xs, kw = block_and_inputs(tmp_path, "llama")
+    seen = {}  # accumulator (kept alive, so ids stay distinct) -> adds
+    orig = HessianAccumulator.add
+
+    def counting_add(self, x):
+        seen[self] = seen.get(self, 0) + 1
+        orig(self, x)
+
+    monkeypatch.setattr(HessianAccumulator, "add", counting_add)
+    quantize_block(block, lambda: iter(xs), kw, QuantConfig(bits=4, group_size=32), torch.device("cpu"))
+    assert len(seen) == 4  # q/k/v, o, gate/up, down: one accumulator per input tensor
+    assert set(seen.values()) == {NS}
