@@ -1,9 +1,9 @@
 """Every covered architecture family, each a tiny random-weight model built from its real transformers config
 class (conftest.ARCHITECTURES: 2 blocks, 3 safetensors shards, biases and norm weights drawn at random,
 sliding windows shorter than the sequences): GPTQ and RTN equal the in-memory reference (which lists each
-family's blocks and groups by hand), streamed perplexity equals transformers' own, `streamq.load` gives the
-fake-quantized reference's logits, and a run interrupted in block 1 resumes byte-identically. Plus the
-one-line refusals of what cannot be streamed."""
+family's blocks and groups by hand, as `streamq inspect` must find them), streamed perplexity equals
+transformers' own, `streamq.load` gives the fake-quantized reference's logits and greedy continuation, and a
+run interrupted in block 1 resumes byte-identically. Plus the one-line refusals of what cannot be streamed."""
 from __future__ import annotations
 
 import json
@@ -17,10 +17,12 @@ import streamq
 from streamq.calib.capture import traced_forward
 from streamq.calib.data import calibration_windows
 from streamq.errors import StreamqError
+from streamq.inspect import TESTED, inspect_model
 from streamq.io.blocks import ModelLayout, build_layout, check_own_state, find_blocks
 from streamq.io.checkpoint import Checkpoint
+from streamq.loading import generate
 from tests.conftest import ARCHITECTURES, make_tiny_model, output_snapshot, run_interrupted
-from tests.reference import BLOCKS, reference_quantize
+from tests.reference import BLOCKS, SEQUENTIAL, reference_quantize
 from tests.test_pipeline import assert_matches_reference
 
 NS, SEQ = 4, 32  # calibration windows longer than the tiny models' sliding windows (24)
@@ -73,11 +75,26 @@ def streamed_perplexity(folder, src) -> float:
     return streamq.evaluate(folder, src / "calib.txt", seqlen=EVAL_SEQ, max_windows=EVAL_WINDOWS, progress=False)
 
 
+def test_tested_list_is_this_files():
+    assert TESTED == tuple(ARCHS)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_blocks_found_by_structure(built, arch):
-    layout = build_layout(Checkpoint(built[0](arch)))
-    assert layout.layers_prefix == BLOCKS.get(layout.config.model_type, BLOCKS["default"]) + "."
-    assert layout.n_blocks == 2
+def test_inspect_and_plan_find_blocks_and_groups_by_structure(built, arch):
+    """The block list and true-sequential groups streamq traces equal the ones read off transformers' code
+    (tests/reference.py); plan sizes the same Linears."""
+    src = built[0](arch)
+    report = inspect_model(src)
+    model_type = report["model_type"]
+    assert report["tested"] and report["n_blocks"] == 2
+    assert report["blocks_path"] == BLOCKS.get(model_type, BLOCKS["default"])
+    expected = SEQUENTIAL.get(model_type, SEQUENTIAL["default"])
+    for block in report["blocks"]:
+        assert [[lin["name"] for lin in group] for group in block] == expected
+    linears = {lin["name"]: tuple(lin["shape"]) for group in report["blocks"][0] for lin in group}
+    plan = streamq.plan(src, nsamples=NS, seqlen=SEQ, benchmark=False, **GPTQ)
+    assert plan.n_blocks == 2
+    assert linears[plan.blocks[0].largest_linear] == plan.blocks[0].largest_linear_shape
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -100,6 +117,12 @@ def test_rtn_streamed_equals_reference_and_loads_to_its_logits(built, one_thread
     ids = torch.randint(0, model.config.vocab_size, (1, 40))  # longer than the sliding windows
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-4, atol=1e-4)
+    # generate (with the KV cache) continues as the fake-quantized reference does, greedily
+    tok = AutoTokenizer.from_pretrained(src)
+    prompt = tok("It is a truth universally", return_tensors="pt", add_special_tokens=False).input_ids
+    ref_ids = ref_model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert generate(out, "It is a truth universally", max_new_tokens=6) == \
+        tok.decode(ref_ids[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -76,6 +76,18 @@ class _Trace:
                                f"order 0..{n - 1} but {got}, so its blocks cannot be streamed")
 
 
+def traced_forward(layout: ModelLayout, forward, replay: torch.Tensor | None = None) -> tuple[_Trace, object]:
+    """Run forward() (the model's own, on its ends) with the blocks replaced by stand-ins; returns what they
+    saw (checked: every block called once, in order) and forward's result (None when it was stopped after the
+    last block, without replay)."""
+    trace, out = _Trace(layout, replay), None
+    stand_ins = nn.ModuleList([_StandIn(trace, i) for i in range(layout.n_blocks)])
+    with layout.blocks_replaced(stand_ins), contextlib.suppress(_Caught):
+        out = forward()
+    trace.check()
+    return trace, out
+
+
 def bind_call(block: nn.Module, args: tuple, kwargs: dict, layout: ModelLayout) -> tuple[torch.Tensor, dict]:
     """A block call as (hidden states, every other argument by name), bound to the block's forward signature.
     Cache objects are dropped (the model runs with use_cache=False)."""
@@ -142,17 +154,12 @@ class ModelEnds:
         with layout.blocks_replaced(nn.Identity()):
             materialize(self.module, prefix, ckpt, layout, device, dtype)
 
-    def _stand_ins(self, trace: _Trace) -> nn.ModuleList:
-        return nn.ModuleList([_StandIn(trace, i) for i in range(self.layout.n_blocks)])
-
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """input_ids [1, seq] -> (hidden [1, seq, hidden] entering block 0 in the compute dtype, the kwargs of
         each block's call, by block index)."""
-        trace = _Trace(self.layout)
-        with self.layout.blocks_replaced(self._stand_ins(trace)), contextlib.suppress(_Caught):
-            self.module(input_ids=input_ids.to(self.device), use_cache=False)
-        trace.check()
+        trace, _ = traced_forward(self.layout, lambda: self.module(input_ids=input_ids.to(self.device),
+                                                                   use_cache=False))
         return trace.hidden, trace.kwargs
 
     def block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -169,10 +176,8 @@ class ModelEnds:
     def logits(self, input_ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
         """input_ids [1, seq], last_hidden [1, seq, hidden] -> logits [1, seq, vocab] fp32."""
         assert self.with_head, "ModelEnds(with_head=True) is needed for logits"
-        trace = _Trace(self.layout, replay=last_hidden.to(self.device))
-        with self.layout.blocks_replaced(self._stand_ins(trace)):
-            out = self.module(input_ids=input_ids.to(self.device), use_cache=False)
-        trace.check()
+        _, out = traced_forward(self.layout, lambda: self.module(input_ids=input_ids.to(self.device), use_cache=False),
+                                replay=last_hidden.to(self.device))
         return out.logits.float()
 
     def release(self) -> None:
