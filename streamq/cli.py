@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read an unfinished or manifest-less folder (default: refused)")
     _add_debug_flag(g)
 
+    ins = sub.add_parser("inspect", help="what streamq finds in a model folder: its decoder blocks, the Linears "
+                         "per block and their true-sequential groups, shapes, usable group sizes, test coverage")
+    ins.add_argument("model", help="model folder (config.json + *.safetensors)")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+
     v = sub.add_parser("verify", help="check an output folder against its manifest: every shard byte, every tensor")
     v.add_argument("out", help="a streamq output folder")
     _add_debug_flag(v)
@@ -229,6 +234,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "json", "benchmark")}
         plan = streamq.plan(args.model, benchmark=args.benchmark, **kwargs)
         print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    elif args.command == "inspect":
+        from streamq.inspect import format_inspection, inspect_model
+
+        report = inspect_model(args.model)
+        print(json.dumps(report, indent=2) if args.json else format_inspection(report))
     elif args.command == "verify":
         from streamq.verify import verify
 

@@ -62,15 +62,15 @@ def evaluate_text(model, data=HELDOUT, seqlen: int = 2048, max_windows: int | No
         shape = (n, seqlen, layout.config.hidden_size, dt)
         store = ActivationStore.on_disk(tmp + "/act", *shape, create=True) if offload == "disk" \
             else ActivationStore.in_ram(*shape)
-        kwargs = {}
+        kwargs = ends.block_kwargs(windows[:1])  # per block
         for j in range(n):
-            hidden, kwargs = ends.block_inputs(windows[j:j + 1])
+            hidden, _ = ends.block_inputs(windows[j:j + 1])
             store.write("a", j, hidden)
         slot = "a"
         for i in iter_blocks(range(layout.n_blocks), layout.n_blocks, label, progress):
             block = load_block(layout, ckpt, i, dev, dt)
             for j, x in store.iter_samples(slot):
-                store.write(store.other(slot), j, run_block(block, x.to(dev), kwargs))
+                store.write(store.other(slot), j, run_block(block, x.to(dev), kwargs[i]))
             release_block(layout, i)
             slot = store.other(slot)
         nll = 0.0

@@ -182,7 +182,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         return out
     readahead = Prefetcher(ckpt)  # block i + 1's weights are read while block i computes
     readahead.start(manifest["next_block"], block_names(layout, ckpt, manifest["next_block"]))
-    store, kwargs = None, {}
+    store, kwargs = None, [{}] * layout.n_blocks  # per block: the kwargs the model calls it with
     if tokens is not None:
         phase(f"resuming at block {manifest['next_block'] + 1}/{layout.n_blocks}" if manifest["next_block"] else
               f"capturing block-0 inputs: the embeddings of {len(tokens)} calibration windows", opts.progress)
@@ -200,7 +200,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
                 readahead.start(i + 1, block_names(layout, ckpt, i + 1))
             slot = manifest["slot"]
             planned = CPU if i in opts.cpu_blocks else device
-            work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs, cfg, dev,  # noqa: E731
+            work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs[i], cfg, dev,  # noqa: E731
                                                 attempt_dtype(dev, planned, dtype), lean)
             reset_peak_vram(device)
             results = with_fallback(work, planned, f"block {i + 1}/{layout.n_blocks}")
@@ -287,15 +287,15 @@ def check_written_units(writer: ShardWriter, manifest: dict, source: dict) -> No
 
 
 def prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest,
-                  fp_stream: bool) -> tuple[ActivationStore, dict]:
+                  fp_stream: bool) -> tuple[ActivationStore, list[dict]]:
     """Open (or create and fill with block-0 inputs) the activation store, with a second (fp) stream for
-    AutoRound's targets when fp_stream; return it and the block kwargs."""
+    AutoRound's targets when fp_stream; return it and each block's kwargs."""
     n, seqlen = tokens.shape
     hidden = layout.config.hidden_size
     path = str(out / WORK_DIR / "activations")
     ends = ModelEnds(layout, ckpt, device, dtype, with_head=False)
     try:
-        _, kwargs = ends.block_inputs(tokens[:1])
+        kwargs = ends.block_kwargs(tokens[:1])
         if opts.offload == "disk" and manifest["next_block"] > 0:
             return ActivationStore.on_disk(path, n, seqlen, hidden, dtype, create=False, fp_stream=fp_stream), kwargs
         if opts.offload == "disk":

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
         pass
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 CALIB = Path(__file__).resolve().parents[1] / "streamq" / "data" / "calib.txt"
 SHARED_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen-calib.txt"
@@ -40,14 +40,54 @@ def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+# Per architecture: the config class and what a tiny instance of it sets beyond the common fields. Values
+# that differ from a plain Llama on purpose (sliding windows shorter than the test sequences, soft-capping,
+# scaled embeddings and residuals, parallel attention + MLP, biases, fused q/k/v) so each family's own code
+# paths run; `tie` is the family's usual tie_word_embeddings.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, head_dim=16), False),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=24), False),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, head_dim=16), False),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16), False),
+    "opt": ("OPTConfig", dict(word_embed_proj_dim=None, do_layer_norm_before=True), False),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
+                                    final_logit_softcapping=5.0, attn_logit_softcapping=20.0, pad_token_id=0), True),
+    "gemma3_text": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                             sliding_window=24, pad_token_id=0,
+                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+                    True),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=None, eos_token_id=0, bos_token_id=0), False),
+    "falcon": ("FalconConfig", dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                    bias=False, alibi=False, bos_token_id=0, eos_token_id=0), True),
+    "gpt_neox": ("GPTNeoXConfig", dict(use_parallel_residual=True, rope_parameters=dict(
+        rope_theta=10000.0, partial_rotary_factor=0.5, rope_type="default")), False),
+    "starcoder2": ("Starcoder2Config", dict(num_key_value_heads=2, use_bias=True, sliding_window=24, bos_token_id=0,
+                                            eos_token_id=0), True),
+    "cohere": ("CohereConfig", dict(num_key_value_heads=2, logit_scale=0.5, pad_token_id=0, bos_token_id=0,
+                                    eos_token_id=0), True),
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=0), False),
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2, embedding_multiplier=4.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.2, logits_scaling=2.0), True),
+}
+
+
 def tiny_config(arch: str, n_layers: int, vocab: int, hidden: int = 64, inter: int = 128):
+    """A small instance of the family's real config class (see ARCHITECTURES)."""
+    import transformers
+
+    name, extra, tie = ARCHITECTURES[arch]
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=4,
-                  max_position_embeddings=512, tie_word_embeddings=False)
+                  max_position_embeddings=512, tie_word_embeddings=tie)
     if arch == "opt":
-        return OPTConfig(ffn_dim=inter, word_embed_proj_dim=hidden, do_layer_norm_before=True,
-                         **{k: v for k, v in common.items() if k != "tie_word_embeddings"})
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
-    return cls(intermediate_size=inter, num_key_value_heads=2, head_dim=16, **common)
+        common.update(ffn_dim=inter, word_embed_proj_dim=hidden)
+        extra = {k: v for k, v in extra.items() if k != "word_embed_proj_dim"}
+    elif arch == "falcon":
+        common.update(ffn_hidden_size=inter)
+    else:
+        common.update(intermediate_size=inter)
+    if "layer_types" in extra:
+        extra = dict(extra, layer_types=(extra["layer_types"] * n_layers)[:n_layers])
+    return getattr(transformers, name)(**common, **extra)
 
 
 def save_model(model, folder: Path, shards: int, dtype: torch.dtype) -> None:
@@ -72,16 +112,22 @@ def save_model(model, folder: Path, shards: int, dtype: torch.dtype) -> None:
 
 def make_tiny_model(folder: Path, arch: str = "llama", n_layers: int = 2, shards: int = 2,
                     dtype: torch.dtype = torch.float32, seed: int = 0, hidden: int = 64, inter: int = 128,
-                    tie: bool = False) -> Path:
+                    tie: bool | None = None, vary_1d: bool = False) -> Path:
+    """A random-weight model of family `arch` (ARCHITECTURES) saved as `shards` safetensors files with a small
+    BPE tokenizer and calib.txt. tie: tie_word_embeddings (None: the family's usual choice); vary_1d: draw
+    biases and norm weights at random too (they start as zeros / ones), so code that drops them shows."""
     tok = make_tokenizer()
     torch.manual_seed(seed)
     config = tiny_config(arch, n_layers, len(tok), hidden, inter)
-    config.tie_word_embeddings = tie
+    if tie is not None:
+        config.tie_word_embeddings = tie
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger-than-init weights so blocks change the residual stream visibly
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.normal_(0, 0.08)
+            elif p.dim() == 1 and vary_1d:
+                p.add_(torch.randn_like(p), alpha=0.1)
     save_model(model, folder, shards, dtype)
     tok.save_pretrained(folder)
     (folder / "calib.txt").write_text(sample_text(), encoding="utf-8")

@@ -1,7 +1,8 @@
 """A plain in-memory GPTQ/RTN/SpQR reference on the full model, written as the IST-DASLab scripts do it: the
-whole model in RAM, all calibration inputs of a layer in one tensor, the sequential groups listed by hand per
-architecture, Hessians as 2/n * sum x^T x. Shares only the per-layer solvers and AutoRound's per-block tuner
-(tested on their own) with streamq."""
+whole model in RAM, all calibration inputs of a layer in one tensor, the block list and the sequential groups
+listed by hand per architecture (read off transformers' modeling code), Hessians as 2/n * sum x^T x
+updated window by window in fp32 (IST's add_batch). Shares only the per-layer solvers and AutoRound's
+per-block tuner (tested on their own) with streamq."""
 from __future__ import annotations
 
 import torch
@@ -14,11 +15,23 @@ from streamq.quant.hessian import relative_output_error
 from streamq.quant.rtn import rtn_quantize
 from streamq.quant.spqr import spqr_quantize
 
+_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+_GATED = [_ATTN, ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+# model_type -> Linears grouped by the tensor they read, in execution order. Parallel attention + MLP blocks
+# (Falcon-7B style, Cohere) feed one normed input to both, so their first group spans attention and MLP.
 SEQUENTIAL = {
-    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
-    "default": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    "opt": [_ATTN, ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "phi3": [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
+    "falcon": [["self_attention.query_key_value", "mlp.dense_h_to_4h"], ["self_attention.dense"],
+               ["mlp.dense_4h_to_h"]],
+    "gpt_neox": [["attention.query_key_value"], ["attention.dense"], ["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]],
+    "starcoder2": [_ATTN, ["self_attn.o_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+    "cohere": [_ATTN + ["mlp.gate_proj", "mlp.up_proj"], ["self_attn.o_proj"], ["mlp.down_proj"]],
+    "default": _GATED,  # llama, mistral, qwen2, qwen3, gemma2, gemma3_text, olmo2, granite
 }
+# model_type -> where the decoder blocks are
+BLOCKS = {"opt": "model.decoder.layers", "falcon": "transformer.h", "gpt_neox": "gpt_neox.layers",
+          "default": "model.layers"}
 
 
 class _Stop(Exception):
@@ -26,20 +39,29 @@ class _Stop(Exception):
 
 
 def load_with_block0_inputs(model_dir, tokens: torch.Tensor):
-    """The full fp32 model, its decoder layers and name prefix, and the inputs of layer 0 per window
-    [1, seq, hidden] with the layers' forward kwargs, caught by a hook."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    """The full fp32 model (transformers' default attention), its decoder layers and name prefix, the inputs
+    of layer 0 per window [1, seq, hidden], and each layer's forward kwargs (caught by hooks on every layer
+    during one full forward: sliding-window layers get their own mask)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    layers = model.get_decoder().layers
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    inputs, kw = [], {}
+    prefix = BLOCKS.get(model.config.model_type, BLOCKS["default"])
+    layers = model.get_submodule(prefix)
+    inputs, kws = [], [dict() for _ in layers]
 
-    def catch(module, args, kwargs):
+    def catch(module, args, kwargs, i):
+        kws[i].update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")})
+
+    def stop(module, args, kwargs):
         inputs.append(args[0] if args else kwargs["hidden_states"])
-        kw.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
         raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: catch(m, a, k, i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(tokens[:1], use_cache=False)
+    for h in handles:
+        h.remove()
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
     for j in range(tokens.shape[0]):
         try:
             with torch.no_grad():
@@ -47,8 +69,18 @@ def load_with_block0_inputs(model_dir, tokens: torch.Tensor):
         except _Stop:
             pass
     handle.remove()
-    kw["use_cache"] = False
-    return model, layers, prefix, inputs, kw
+    return model, layers, prefix, inputs, kws
+
+
+def ist_hessian(xs: list[torch.Tensor]) -> torch.Tensor:
+    """H = 2/n * sum x^T x over the n windows' inputs xs (each [tokens, in]), updated window by window in fp32
+    as IST-DASLab's GPTQ.add_batch does (rescale, then add the sqrt(2/n)-scaled window)."""
+    H = torch.zeros(xs[0].shape[-1], xs[0].shape[-1])
+    for n, x in enumerate(xs, 1):
+        H *= (n - 1) / n
+        x = (2 / n) ** 0.5 * x.float()
+        H.addmm_(x.t(), x)
+    return H
 
 
 def _forward(layer, inputs: list, kw: dict) -> list:
@@ -62,10 +94,11 @@ def reference_autoround(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
     is tuned on the quantized model's inputs toward the fp model's outputs (cfg.fp_targets, the reference's two
     streams), or toward the fp layer's outputs on the quantized inputs. Returns (fake-quantized model,
     {full linear name: QuantResult})."""
-    model, layers, prefix, inputs, kw = load_with_block0_inputs(model_dir, tokens)
+    model, layers, prefix, inputs, kws = load_with_block0_inputs(model_dir, tokens)
     fp_inputs = inputs
     results = {}
     for i, layer in enumerate(layers):
+        kw = kws[i]
         fp_outputs = _forward(layer, fp_inputs if cfg.fp_targets else inputs, kw)
         X, Y = torch.cat(inputs), torch.cat(fp_outputs)
         tuned = autoround_block(layer, lambda idx: X[idx], lambda idx: Y[idx], len(inputs), kw, cfg,
@@ -88,10 +121,11 @@ def reference_spqr(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
 def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
     """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)});
     method "spqr": SpQRResults and no errors (see reference_spqr)."""
-    model, layers, prefix, inputs, kw = load_with_block0_inputs(model_dir, tokens)
+    model, layers, prefix, inputs, kws = load_with_block0_inputs(model_dir, tokens)
     results, errors = {}, {}
     groups = SEQUENTIAL.get(model.config.model_type, SEQUENTIAL["default"])
     for i, layer in enumerate(layers):
+        kw = kws[i]
         mods = dict(layer.named_modules())
         for group in groups:
             xs = {n: [] for n in group}
@@ -102,8 +136,7 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
             for h in hooks:
                 h.remove()
             for n in group:
-                X = torch.cat(xs[n]).double()  # [tokens, in]
-                H = (2.0 / len(inputs) * X.T @ X).float()
+                H = ist_hessian(xs[n])
                 W = mods[n].weight.data.clone()
                 if cfg.method == "rtn":
                     r = rtn_quantize(W, cfg)
