@@ -334,8 +334,7 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
     config = output_config(ckpt.config, fmt.quantization_config(cfg, f"streamq:{__version__}"),
                            type(layout.model).__name__)
     write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    shapes = lambda cfg, lin, n: fmt.linear_shapes(lin.out_features, lin.in_features, cfg, n)  # noqa: E731
-    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, shapes))
+    write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, fmt))
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST, manifest)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import resource
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import torch
@@ -26,11 +26,11 @@ def layers_in_order(blocks: dict[str, dict]) -> Iterator[tuple[int, str, dict]]:
 
 
 def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, device: torch.device,
-               linear_shapes: Callable) -> dict:
+               fmt) -> dict:
     """streamq_report.json: arguments, per-layer error, time per block, peak memory, bits per weight (stored
     bytes; SpQR also as its paper counts them, with the outlier share, overall and per layer in "blocks").
 
-    linear_shapes(cfg, lin, n_outliers) -> {suffix: (shape, dtype)}: the packed tensors of one Linear."""
+    fmt: the run's layout format (a streamq.formats module), whose linear_shapes size each Linear's tensors."""
     blocks = manifest["blocks"]
     errors, weights, stored_bytes, outliers, paper_bits = [], [], [], [], []
     for i, name, record in layers_in_order(blocks):
@@ -39,7 +39,8 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         n_outliers = record.get("n_outliers", 0)
         errors.append(record["error"])
         weights.append(n_weights)
-        stored_bytes.append(sum(TensorSpec("", d, s).nbytes for s, d in linear_shapes(cfg, lin, n_outliers).values()))
+        shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg, n_outliers)
+        stored_bytes.append(sum(TensorSpec("", d, s).nbytes for s, d in shapes.values()))
         outliers.append(n_outliers)
         paper_bits.append(record.get("bits_per_parameter", 0.0) * n_weights)  # SpQR: bits/parameter * parameters
     by_index = [blocks[i] for i in sorted(blocks, key=int)]

@@ -12,7 +12,9 @@ import streamq
 from streamq.io.blocks import build_layout
 from streamq.io.checkpoint import Checkpoint
 from streamq.io.writer import ShardWriter, plan_shards
-from streamq.pipeline import RunOptions, linear_shapes, plan_units
+from streamq.formats import get_format
+from streamq.options import RunOptions
+from streamq.pipeline import plan_units
 from streamq.report import layers_in_order, run_report
 from tests.conftest import make_tiny_model
 
@@ -42,7 +44,7 @@ def test_aggregates_are_the_same_in_any_key_order(tmp_path):
     cfg = streamq.QuantConfig(method="rtn", group_size=32)
     writer = ShardWriter(tmp_path / "unused", plan_shards(plan_units(layout, ckpt, cfg), RunOptions().shard_size))
     reports = [run_report(ckpt, layout, cfg, RunOptions(), writer, {**manifest, "blocks": b}, torch.device("cpu"),
-                          linear_shapes) for b in (blocks, reordered(blocks))]
+                          get_format("gptq")) for b in (blocks, reordered(blocks))]
     for r in reports:
         r.pop("peak_rss_bytes")  # this process's high-water mark, read at each call
     assert json.dumps(reports[0], sort_keys=True) == json.dumps(reports[1], sort_keys=True)
