@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="what streamq finds in a model folder: its decoder blocks, the Linears "
                          "per block and their true-sequential groups, shapes, usable group sizes, test coverage")
     ins.add_argument("model", help="model folder (config.json + *.safetensors)")
-    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON (default: a table)")
+    _add_debug_flag(ins)
 
     v = sub.add_parser("verify", help="check an output folder against its manifest: every shard byte, every tensor")
     v.add_argument("out", help="a streamq output folder")
@@ -180,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="convert a finished output folder into another format (no recomputing)")
     x.add_argument("out", help="a finished streamq output folder")
-    x.add_argument("--format", required=True, help="gptq | compressed-tensors | gguf")
+    x.add_argument("--format", required=True, help="the format to write (required): gptq | compressed-tensors | gguf")
     x.add_argument("--to", default=None, help="destination folder (default: OUT/<format>)")
     x.add_argument("--head-type", default="q8_0", choices=["q8_0", "f16"],
-                   help="gguf: type of the embeddings and output head (q8_0)")
+                   help="gguf: type of the embeddings and output head (default q8_0)")
+    _add_debug_flag(x)
 
     d = sub.add_parser("demo", help="fetch SmolLM2-135M, compress it, compare perplexity, generate")
     d.add_argument("--out", default=None, help="output folder (default: $STREAMQ_CACHE or ~/.cache/streamq, "

@@ -7,7 +7,6 @@ the same numbers to the last bit as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import resource
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -15,6 +14,7 @@ import torch
 
 from streamq import __version__
 from streamq.io.writer import ShardWriter, TensorSpec
+from streamq.memstat import peak_rss_bytes
 
 
 def layers_in_order(blocks: dict[str, dict]) -> Iterator[tuple[int, str, dict]]:
@@ -55,7 +55,7 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         "mean_layer_error": math.fsum(errors) / max(1, len(errors)),
         "seconds_total": math.fsum(b["seconds"] for b in by_index),
         "io_wait_seconds_total": math.fsum(b.get("io_wait_seconds", 0.0) for b in by_index),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "peak_vram_bytes": max((b.get("peak_vram_bytes", 0) for b in by_index), default=0),  # reset per block
         "bits_per_quantized_weight": 8 * sum(stored_bytes) / quant_weights,
         "output_bytes": writer.total_size(),

@@ -65,7 +65,7 @@ def block_and_inputs(tmp_path, arch):
     src = make_tiny_model(tmp_path / arch, arch, n_layers=1)
     tokens = calibration_windows(AutoTokenizer.from_pretrained(src), str(src / "calib.txt"), NS, SEQ)
     _, layers, _, inputs, kw = load_with_block0_inputs(src, tokens)
-    return layers[0], inputs, kw
+    return layers[0], inputs, kw[0]  # block 0 and the kwargs the model calls it with
 
 
 class LinearCalls:

@@ -10,7 +10,8 @@ from streamq.cli import parse_size
 from tests.conftest import make_tiny_model
 
 CHILD = """
-import json, resource, sys
+import json, sys
+from streamq.memstat import peak_rss_bytes
 import streamq
 from streamq.cli import main
 from streamq.planner import fmt_size
@@ -20,7 +21,7 @@ budget = fmt_size(plan.peak_ram_bytes + 8 * 10**6)  # + the RSS the plan itself 
 code = main(["compress", model, out, "--calib", model + "/calib.txt", "--nsamples", "8", "--seqlen", "64",
              "--group-size", "64", "--no-progress", "--max-ram", budget, "--device", "cpu"])
 print(json.dumps({"code": code, "budget": budget, "baseline": plan.baseline_rss_bytes,
-                  "predicted": plan.peak_ram_bytes, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "predicted": plan.peak_ram_bytes, "peak": peak_rss_bytes()}))
 """
 
 

@@ -8,11 +8,12 @@ import sys
 from tests.conftest import make_tiny_model
 
 CHILD = """
-import json, resource, sys
+import json, sys
+from streamq.memstat import peak_rss_bytes
 import streamq
 streamq.compress(sys.argv[1], sys.argv[2], bits=4, group_size=64, calib=sys.argv[1] + "/calib.txt",
                  nsamples=2, seqlen=32, progress=False, device="cpu")
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak_rss": peak_rss_bytes()}))
 """
 
 

@@ -107,4 +107,4 @@ def test_cli_refuses_and_no_act_order_turns_it_off(tmp_path, capsys):
     default = tmp_path / "d"
     assert main(["compress", str(src), str(default), *fast]) == 0
     q = json.loads((default / "config.json").read_text())["quantization_config"]
-    assert (q["desc_act"], q["static_groups"]) == (True, True)
+    assert (q["streamq_act_order"], q["static_groups"], q["desc_act"]) == (True, True, False)  # static: g_idx in order

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+from streamq.memstat import peak_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_smollm2 import common_arguments, step  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
                                  seed=0)
     tuner.quantize_and_save(str(out), format="auto_gptq")
     seconds = time.perf_counter() - t
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_bytes() / 2**20
     folder = next(p for p in [out, *out.iterdir()] if (p / "config.json").exists())
     ev = step({"kind": "eval", "model": str(folder), "data": a.data, "seqlen": a.seqlen, "windows": a.windows})
     row = {"config": f"auto-round {auto_round.__version__} w{a.bits} g{a.group_size} iters={a.iters} lr={a.lr} "

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WIDTHS = {"7b": (4096, 11008, 32), "13b": (5120, 13824, 40), "65b": (8192, 22016, 64)}
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from streamq.memstat import peak_rss_bytes
 import streamq
 model, out, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
 kw = dict(nsamples=int(sys.argv[4]), seqlen=int(sys.argv[5]), calib=model + "/calib.txt", group_size=128,
@@ -36,7 +37,7 @@ plan = streamq.plan(model, max_ram=budget, **kw)
 start = time.perf_counter()
 streamq.compress(model, out, max_ram=budget, **kw)
 report = json.load(open(out + "/streamq_report.json"))
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "plan": plan.to_dict(),
+print(json.dumps({"peak": peak_rss_bytes(), "plan": plan.to_dict(),
                   "block_seconds": [b["seconds"] for b in report["blocks"].values()],
                   "io_wait_seconds": report["io_wait_seconds_total"], "peak_vram": report["peak_vram_bytes"],
                   "seconds": time.perf_counter() - start}))

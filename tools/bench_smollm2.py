@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 STEP = """
-import json, resource, sys, time
+import json, sys, time
+from streamq.memstat import peak_rss_bytes
 import streamq
 args = json.loads(sys.argv[1])
 t = time.perf_counter()
@@ -29,7 +30,7 @@ else:
     value = streamq.evaluate(args["model"], args["data"], seqlen=args["seqlen"], max_windows=args["windows"],
                              progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "ppl": value,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
+                  "peak_rss_mb": peak_rss_bytes() / 2**20, **extra}))
 """
 
 

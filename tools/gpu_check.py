@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -183,7 +182,8 @@ def model7b(sizes, device, tmp: Path, smoke: bool) -> dict:
 SECTIONS = {"tests": run_tests, "kernels": kernels, "block65b": block65b, "model7b": model7b}
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from streamq.memstat import peak_rss_bytes
 import streamq
 from streamq.cli import parse_size
 src, out, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -193,7 +193,7 @@ for k in ("max_vram", "max_ram"):
 start = time.perf_counter()
 streamq.compress(src, out, **kw)
 print(json.dumps({"wall_seconds": time.perf_counter() - start,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 

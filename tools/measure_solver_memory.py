@@ -8,7 +8,6 @@ budget, a random fp32 W [OUT, IN] and H [IN, IN] made first, then gptq_quantize 
 Prints the measured extra bytes and footprint.solver_bytes' prediction (an upper bound by construction).
 """
 import json
-import resource
 import sys
 
 import psutil
@@ -16,6 +15,7 @@ import torch
 
 from streamq.config import QuantConfig
 from streamq.footprint import bound_heap, solver_bytes
+from streamq.memstat import peak_rss_bytes
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import relative_output_error
 
@@ -31,7 +31,7 @@ def main() -> None:
     base = psutil.Process().memory_info().rss
     r = gptq_quantize(W, H, QuantConfig(group_size=128))
     relative_output_error(W, r.result.weight, H)
-    extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    extra = peak_rss_bytes() - base
     print(json.dumps({"out": out, "in": inp, "measured_mb": round(extra / 2**20),
                       "predicted_mb": round(solver_bytes("gptq", out, inp, 4) / 2**20)}))
 
