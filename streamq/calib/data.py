@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,17 +67,22 @@ def _load_file(path: str) -> list[str]:
     if path.endswith(".txt"):
         return [raw]
     texts = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StreamqError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, record in jsonl_records(path, raw.splitlines()):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise StreamqError(f"{path}:{lineno}: expected an object with a string field 'text'")
         texts.append(record["text"])
     return texts
+
+
+def jsonl_records(path: str, lines) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) for each non-blank line; a line that is not JSON is a StreamqError."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StreamqError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def parse_calib_spec(spec: str) -> list[CalibSource]:
@@ -182,13 +188,7 @@ def token_windows(path: str, nsamples: int, seqlen: int, vocab: int) -> torch.Lo
     else:
         rows = []
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    ids = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise StreamqError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            for lineno, ids in jsonl_records(path, f):
                 if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                     raise StreamqError(f"{path}:{lineno}: expected a JSON list of integer token ids")
                 rows.append(np.asarray(ids, dtype=np.int64))
