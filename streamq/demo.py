@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from streamq.errors import OtherRunError
+from streamq.errors import StreamqError
 from streamq.fetch import default_cache_dir, ensure_smollm2
+from streamq.options import MANIFEST
 from streamq.progress import phase
 
 DATA = Path(__file__).parent / "data"
@@ -36,8 +37,8 @@ def run_demo(out: str | None, bits: int, method: str) -> dict:
     compress = lambda **kw: streamq.compress(src, out_dir, method=method, bits=bits, **DEMO, **kw)  # noqa: E731
     try:
         compress()
-    except OtherRunError:
-        if out:  # the user's folder: not ours to discard
+    except StreamqError:  # another run's fingerprint (OtherRunError), or a manifest an older streamq wrote
+        if out or not (out_dir / MANIFEST).exists():  # the user's folder, or no earlier run: not ours to redo
             raise
         phase(f"{out_dir} holds a run of another streamq version or settings: redoing it")
         compress(resume="restart")  # the demo's own cache folder, left by another streamq version: redo it

@@ -53,7 +53,7 @@ from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import ShardWriter, plan_shards
 from streamq.methods import get_method
 from streamq.options import TOKENIZER_FILES, RunOptions
-from streamq.pipeline import plan_units
+from streamq.outputs import plan_units
 from streamq.quant.stages import KEEP_BYTES
 
 RUN_OVERHEAD = 64 << 20  # added after planning: tokenizer, calibration, zarr, tqdm (measured 30 MB); heap noise

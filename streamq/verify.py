@@ -7,7 +7,6 @@ every planned tensor is in its shard's header and in the index, and every source
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from streamq.errors import StreamqError

@@ -28,6 +28,10 @@ def test_demo_runs_and_redoes_its_stale_cache_folder(tmp_path, monkeypatch, caps
     again = demo.run_demo(None, 4, "rtn")
     assert again["ppl_compressed"] == first["ppl_compressed"]
     assert json.loads((out / "streamq_manifest.json").read_text())["fingerprint"]["streamq version"] != "0.0.1"
+    older = {k: v for k, v in json.loads((out / "streamq_manifest.json").read_text()).items() if k != "files"}
+    (out / "streamq_manifest.json").write_text(json.dumps(older))  # a manifest from before the 'files' field
+    assert demo.run_demo(None, 4, "rtn")["ppl_compressed"] == first["ppl_compressed"]
+    assert "files" in json.loads((out / "streamq_manifest.json").read_text())
     (out / "streamq_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(OtherRunError, match="belongs to another run"):  # --out given: the user's folder
         demo.run_demo(str(out), 4, "rtn")

@@ -14,7 +14,7 @@ from streamq.io.checkpoint import Checkpoint
 from streamq.io.writer import ShardWriter, plan_shards
 from streamq.formats import get_format
 from streamq.options import RunOptions
-from streamq.pipeline import plan_units
+from streamq.outputs import plan_units
 from streamq.report import layers_in_order, run_report
 from tests.conftest import make_tiny_model
 

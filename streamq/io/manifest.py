@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from streamq.errors import OtherRunError, StreamqError, disk_full
-from streamq.options import EXPORT_MARKER, MANIFEST, WORK_DIR
+from streamq.options import EXPORT_MARKER, MANIFEST
 
 LOCK = ".streamq.lock"
 ALWAYS_OURS = (MANIFEST, MANIFEST + ".tmp", LOCK)  # named in no manifest's "files": they are the bookkeeping

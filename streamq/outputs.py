@@ -1,0 +1,84 @@
+"""What a run writes: every output tensor planned before the first block (units of the shard writer), the
+map from source tensors to the output tensors that stand for them, and a finished block's tensors packed
+in the layout format (a streamq.formats module)."""
+from __future__ import annotations
+
+import torch
+
+from streamq.config import QuantConfig
+from streamq.errors import StreamqError
+from streamq.formats import default_layout
+from streamq.io.blocks import ModelLayout, block_names, non_block_names
+from streamq.io.checkpoint import DTYPES, Checkpoint
+from streamq.io.writer import TensorSpec, Unit
+from streamq.quant.grid import check_group_size
+
+
+def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
+               n_outliers: dict[str, int] | None = None, fmt=None) -> Unit:
+    """Block i's output tensors in layout format fmt (a streamq.formats module; None = default_layout); checks
+    its layers. Data-sized tensors (SpQR's outliers): the unit is marked sized_by_data, planned with none, and
+    settled with n_outliers (Linear name -> count) once known."""
+    fmt = fmt or default_layout(cfg)
+    prefix = layout.block_prefix(i)
+    linears = layout.block_linears(i)
+    needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
+    missing = sorted(needed - set(ckpt.tensors))
+    if missing:
+        raise StreamqError(f"{ckpt.folder}: tensor {missing[0]} is missing from the checkpoint")
+    quantized = {prefix + n + ".weight": (n, m) for n, m in linears.items()}
+    specs = []
+    for name in block_names(layout, ckpt, i):
+        if name in quantized:
+            lin_name, lin = quantized[name]
+            check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
+            try:
+                shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg, (n_outliers or {}).get(lin_name, 0))
+            except StreamqError as e:
+                raise StreamqError(f"{prefix}{lin_name}: {e}") from None
+            stem = name[: -len("weight")]
+            specs += [TensorSpec(stem + k, dtype, shape) for k, (shape, dtype) in shapes.items()]
+        else:
+            info = ckpt.tensors[name]
+            specs.append(TensorSpec(name, DTYPES[info.dtype], info.shape))
+    return Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name)), sized_by_data=fmt.SIZED_BY_DATA)
+
+
+def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> list[Unit]:
+    """Every output tensor's name, dtype and shape, known before any block runs (SpQR: up to the outlier
+    counts, see block_unit); checks every layer."""
+    units = [block_unit(layout, ckpt, cfg, i, fmt=fmt) for i in range(layout.n_blocks)]
+    rest = [TensorSpec(n, DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in non_block_names(layout, ckpt)]
+    units.append(Unit("rest", tuple(sorted(rest, key=lambda s: s.name))))
+    return units
+
+
+def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
+                  cfg: QuantConfig, fmt=None) -> dict[str, torch.Tensor]:
+    """Block i's output tensors: its Linears packed by layout format fmt (None = default_layout), everything
+    else copied unchanged."""
+    fmt = fmt or default_layout(cfg)
+    prefix = layout.block_prefix(i)
+    out = {}
+    for lin_name, (result, _) in results.items():
+        for k, t in fmt.pack(result, cfg).items():
+            out[f"{prefix}{lin_name}.{k}"] = t.cpu()
+    packed_weights = {f"{prefix}{n}.weight" for n in results}
+    for name in block_names(layout, ckpt, i):
+        if name not in packed_weights:
+            out[name] = ckpt.get(name)
+    return out
+
+
+def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> dict[str, list[str]]:
+    """Source tensor -> the output tensors standing for it: a quantized Linear's weight -> its packed tensors
+    in layout format fmt (None = default_layout), anything else -> itself. Recorded in the manifest so
+    `streamq verify` needs no source."""
+    fmt = fmt or default_layout(cfg)
+    packed = {}
+    for i in range(layout.n_blocks):
+        for name, lin in layout.block_linears(i).items():
+            stem = f"{layout.block_prefix(i)}{name}."
+            shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
+            packed[stem + "weight"] = [stem + k for k in shapes]
+    return {name: packed.get(name, [name]) for name in ckpt.names()}
