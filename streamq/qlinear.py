@@ -112,18 +112,3 @@ class SpQRLinear(UnpackedCache):
                 return y if self.bias is None else y + self.bias.to(y.dtype)
             return F.linear(x, spqr_dequantize(self.tensors(), self.cfg, x.dtype), self.bias)  # W in x's dtype only
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
-
-
-def replace_linears(block: nn.Module, bits: int, group_size: int, spqr: QuantConfig | None = None) -> None:
-    """Swap every nn.Linear in block for a QuantLinear of the same shape (on the block's device); with spqr (a
-    method "spqr" config), for a SpQRLinear."""
-    for name, module in list(block.named_modules()):
-        if isinstance(module, nn.Linear):
-            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-            kw = dict(device=module.weight.device, dtype=module.weight.dtype)
-            if spqr is not None:
-                q = SpQRLinear(module.in_features, module.out_features, spqr, module.bias is not None, **kw)
-            else:
-                q = QuantLinear(module.in_features, module.out_features, bits, group_size, module.bias is not None,
-                                **kw)
-            setattr(parent, name.rpartition(".")[2], q)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,17 +220,23 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def file_sha256(path: Path, begin: int, end: int, chunk: int = 1 << 24) -> str:
-    """sha256 of bytes [begin, end) of a file, read `chunk` bytes at a time (fewer when the file is shorter)."""
-    digest, buf = hashlib.sha256(), bytearray(chunk)
+def read_chunks(path: Path, begin: int, end: int, buf: bytearray) -> Iterator[memoryview]:
+    """Bytes [begin, end) of a file, read into buf (len(buf) bytes at a time; fewer when the file is shorter)."""
     with open(path, "rb", buffering=0) as f:
         f.seek(begin)
         while begin < end:
-            n = f.readinto(memoryview(buf)[:min(chunk, end - begin)])
+            n = f.readinto(memoryview(buf)[:min(len(buf), end - begin)])
             if not n:
                 break
-            digest.update(memoryview(buf)[:n])
+            yield memoryview(buf)[:n]
             begin += n
+
+
+def file_sha256(path: Path, begin: int, end: int, chunk: int = 1 << 24) -> str:
+    """sha256 of bytes [begin, end) of a file, read `chunk` bytes at a time."""
+    digest = hashlib.sha256()
+    for part in read_chunks(path, begin, end, bytearray(chunk)):
+        digest.update(part)
     return digest.hexdigest()
 
 

@@ -10,23 +10,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from streamq.io.checkpoint import Checkpoint
+from streamq.io.checkpoint import Checkpoint, read_chunks
 
 CHUNK = 8 << 20  # bytes per read
 
 
 def read_ranges(ranges: list[tuple[Path, int, int]]) -> int:
     """Read every (file, begin, end) byte range once; returns the bytes read."""
-    buf, total = bytearray(CHUNK), 0
-    for path, begin, end in sorted(ranges):
-        with open(path, "rb", buffering=0) as f:
-            f.seek(begin)
-            while begin < end:
-                n = f.readinto(memoryview(buf)[:min(CHUNK, end - begin)])
-                if not n:
-                    break
-                begin, total = begin + n, total + n
-    return total
+    buf = bytearray(CHUNK)
+    return sum(len(part) for path, begin, end in sorted(ranges) for part in read_chunks(path, begin, end, buf))
 
 
 class Prefetcher:
