@@ -14,6 +14,7 @@ from streamq.device import cast_floats, check_finite, to_device_ahead
 from streamq.fallback import CPU
 from streamq.io.blocks import ModelLayout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
+from streamq.ignore import ignored_in_block
 from streamq.methods import QuantResult, get_method
 from streamq.quant.autoround import autoround_block
 from streamq.quant.block import LayerReport, quantize_block
@@ -32,14 +33,15 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
     block = load_block(layout, ckpt, i, device, dtype)
     kwargs = cast_floats(batched_kwargs(kwargs, 1, device), dtype)  # the CPU retry of a 16-bit run computes in fp32
+    skip = ignored_in_block(layout, i, cfg)  # --ignore: these Linears run in fp and are not solved
     if get_method(cfg.method).solve is None:  # tunes the whole block (AutoRound)
         fp_inputs = None
         if cfg.fp_stream:  # block 0's inputs are the same in both streams: slot holds them
             fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
-                              chunk=max(1, cfg.batch_size // 2) if lean else None)
+                              chunk=max(1, cfg.batch_size // 2) if lean else None, skip=skip)
     if store is None:
-        return quantize_block(block, None, kwargs, cfg, device, CPU if lean else device)
+        return quantize_block(block, None, kwargs, cfg, device, CPU if lean else device, skip=skip)
     dest, written = store.other(slot), iter(range(store.nsamples))
     what = f"block {i + 1}/{layout.n_blocks}"
 
@@ -51,7 +53,7 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
 
     samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device, emit=emit,
-                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples)
+                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples, skip=skip)
     store.flush(dest)
     return results
 
@@ -80,12 +82,13 @@ def propagate(block: nn.Module, store: ActivationStore, source: str, dest: str, 
 
 def autoround_step(block: nn.Module, store: ActivationStore, slot: str, fp_inputs: str | None, kwargs: dict,
                    cfg: QuantConfig, device: torch.device,
-                   chunk: int | None = None) -> dict[str, tuple[QuantResult, LayerReport]]:
+                   chunk: int | None = None,
+                   skip: frozenset[str] = frozenset()) -> dict[str, tuple[QuantResult, LayerReport]]:
     """AutoRound on one block, streamed. The fp block's outputs are the targets: on the fp stream's inputs
     (slot fp_inputs; they go to the fp stream's other slot and are the next block's fp inputs), or with
     fp_inputs None on the quantized inputs (into the other slot, later replaced). The tuning loop reads
     minibatches of inputs (slot) and targets from the store; the quantized block's outputs on `slot` go to the
-    other slot. Every Linear's report carries the block's relative output error against the targets (AutoRound
+    other slot. skip: Linears left in fp (not tuned). Every Linear's report carries the block's relative output error against the targets (AutoRound
     tunes them jointly)."""
     start = time.perf_counter()
     other = store.other(slot)
@@ -93,7 +96,7 @@ def autoround_step(block: nn.Module, store: ActivationStore, slot: str, fp_input
     propagate(block, store, fp_inputs or slot, targets, kwargs, device)
     tuned = autoround_block(block, lambda idx: torch.cat([store.read(slot, j) for j in idx]),
                             lambda idx: torch.cat([store.read(targets, j) for j in idx]),
-                            store.nsamples, kwargs, cfg, device, chunk=chunk)
+                            store.nsamples, kwargs, cfg, device, chunk=chunk, skip=skip)
     error = propagate(block, store, slot, other, kwargs, device, targets=targets)
-    seconds = (time.perf_counter() - start) / len(tuned)
+    seconds = (time.perf_counter() - start) / max(1, len(tuned))
     return {name: (result, LayerReport(error, loss, 0.0, seconds)) for name, (result, loss) in tuned.items()}

@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tau: weights whose error exceeds tau * mean sensitivity stay fp16 (inf = none; default inf)")
     q.add_argument("--simplified-outliers", action="store_true", default=None,
                    help="fit group grids on all weights instead of leaving likely outliers out (default: off)")
+    r = c.add_argument_group("ignore lists and recipes")  # streamq/ignore.py, streamq/recipe.py
+    r.add_argument("--ignore", action="append", default=None, metavar="PATTERN",
+                   help="leave a Linear unquantized, copied unchanged (repeatable): its checkpoint name "
+                   "(model.layers.3.mlp.down_proj) or 're:REGEX' matched from the name's start, as llm-compressor's "
+                   "ignore lists; a pattern matching nothing is an error (default: none)")
+    r.add_argument("--quant-lm-head", action="store_true", default=None,
+                   help="also quantize the output head, rounded to nearest on the method's grid (refused with tied "
+                   "embeddings; default: the head stays fp)")
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,
                    help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "

@@ -123,11 +123,18 @@ class QuantConfig:
     qq_groupsize: int = UNSET
     outlier_threshold: float = UNSET
     simplified_outliers: bool = UNSET
+    # ignore lists and the head (streamq/ignore.py), read by every method: ignore: Linear names or "re:" regexes
+    # (llm-compressor's syntax) left unquantized, copied byte-identical; quant_lm_head: RTN-quantize the output head
+    ignore: tuple[str, ...] = ()
+    quant_lm_head: bool = False
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
         if method is None:
             raise StreamqError(f"--method {self.method!r}: choose one of {', '.join(names())}")
+        from streamq.ignore import check_patterns
+
+        object.__setattr__(self, "ignore", check_patterns(self.ignore, self.quant_lm_head))
         self._resolve_defaults(method)
         if self.bits not in PACKABLE_BITS:
             raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} bits")
@@ -184,6 +191,7 @@ class QuantConfig:
         """The fields as JSON-safe values: an infinite outlier_threshold is written as the string "inf" (JSON has
         no infinity; Python's `Infinity` is not JSON). `from_dict` reads it back."""
         d = dataclasses.asdict(self)
+        d["ignore"] = list(self.ignore)
         if math.isinf(d["outlier_threshold"]):
             d["outlier_threshold"] = "inf"
         return d

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from streamq.formats import format_of_config
+from streamq.ignore import ignored_in_block, quantized_head
 from streamq.io.blocks import build_layout, materialize
 from streamq.io.checkpoint import Checkpoint
 from streamq.device import resolve_device
@@ -31,20 +32,23 @@ def _load_quantized(folder: str | Path, device: str, dtype: torch.dtype):
     fmt = format_of_config(ckpt.config, str(folder))
     cfg = fmt.config_from(ckpt.config["quantization_config"])
     layout = build_layout(ckpt)
+    make = lambda lin: fmt.linear_module(lin.in_features, lin.out_features, cfg, lin.bias is not None,  # noqa: E731
+                                         device=lin.weight.device, dtype=lin.weight.dtype)
     with torch.device("meta"):
-        for block in layout.layers:
-            swap_linears(block, lambda lin: fmt.linear_module(lin.in_features, lin.out_features, cfg,
-                                                              lin.bias is not None, device=lin.weight.device,
-                                                              dtype=lin.weight.dtype))
+        for i, block in enumerate(layout.layers):
+            swap_linears(block, make, skip=ignored_in_block(layout, i, cfg))  # ignored Linears stay dense
+        head = quantized_head(layout, cfg)
+        if head is not None:
+            swap_linears(layout.model, make, only=head[0])
     model = materialize(layout.model, "", ckpt, layout, resolve_device(device), dtype)
     model.config.use_cache = True
     return model.eval()
 
 
-def swap_linears(block: nn.Module, make) -> None:
-    """Replace every nn.Linear in block by make(linear)."""
+def swap_linears(block: nn.Module, make, skip: frozenset[str] = frozenset(), only: str | None = None) -> None:
+    """Replace every nn.Linear in block by make(linear), but those named in skip (or all but `only`)."""
     for name, module in list(block.named_modules()):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and name not in skip and only in (None, name):
             parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
             setattr(parent, name.rpartition(".")[2], make(module))
 

@@ -8,6 +8,7 @@ import torch
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
 from streamq.formats import default_layout
+from streamq.ignore import quantized_head, quantized_linears
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import TensorSpec, Unit
@@ -21,7 +22,7 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
     settled with n_outliers (Linear name -> count) once known."""
     fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
-    linears = layout.block_linears(i)
+    linears = quantized_linears(layout, i, cfg)
     needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
     missing = sorted(needed - set(ckpt.tensors))
     if missing:
@@ -47,8 +48,15 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
 def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> list[Unit]:
     """Every output tensor's name, dtype and shape, known before any block runs (SpQR: up to the outlier
     counts, see block_unit); checks every layer."""
+    fmt = fmt or default_layout(cfg)
     units = [block_unit(layout, ckpt, cfg, i, fmt=fmt) for i in range(layout.n_blocks)]
     rest = [TensorSpec(n, DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in non_block_names(layout, ckpt)]
+    head = quantized_head(layout, cfg)
+    if head is not None:  # --quant-lm-head: its weight stands as its packed tensors
+        name, lin = head
+        shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
+        rest = [s for s in rest if s.name != name + ".weight"]
+        rest += [TensorSpec(f"{name}.{k}", dtype, shape) for k, (shape, dtype) in shapes.items()]
     units.append(Unit("rest", tuple(sorted(rest, key=lambda s: s.name))))
     return units
 
@@ -77,8 +85,12 @@ def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None
     fmt = fmt or default_layout(cfg)
     packed = {}
     for i in range(layout.n_blocks):
-        for name, lin in layout.block_linears(i).items():
+        for name, lin in quantized_linears(layout, i, cfg).items():
             stem = f"{layout.block_prefix(i)}{name}."
             shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
             packed[stem + "weight"] = [stem + k for k in shapes]
+    head = quantized_head(layout, cfg)
+    if head is not None:
+        shapes = fmt.linear_shapes(head[1].out_features, head[1].in_features, cfg)
+        packed[head[0] + ".weight"] = [f"{head[0]}.{k}" for k in shapes]
     return {name: packed.get(name, [name]) for name in ckpt.names()}

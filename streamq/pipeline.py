@@ -22,6 +22,7 @@ from streamq.fallback import CPU, attempt_dtype, with_fallback
 from streamq.formats import get_format, output_config, resolve_formats
 from streamq.formats import spqr as spqr_format
 from streamq.formats.export import export_missing
+from streamq.ignore import head_tensors, quantized_linears, resolve_ignore
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import Checkpoint
 from streamq.io.manifest import open_output, write_json_atomic, writer_lock
@@ -82,6 +83,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     fmt = get_format(layout_format)
     ckpt = Checkpoint(model, hash_reads=True)  # 1
     layout = build_layout(ckpt)
+    cfg = resolve_ignore(layout, ckpt, cfg)  # --ignore patterns -> the exact names of the Linears left in fp
     units = plan_units(layout, ckpt, cfg, fmt)
     writer = ShardWriter(out, plan_shards(units, opts.shard_size))
     device = resolve_device(opts.device)
@@ -196,7 +198,7 @@ def settle_written_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig
     """On resume, lay out the data-sized (SpQR) blocks already written, from the outlier counts in their reports
     (which must record exactly the block's Linears)."""
     for i in map(int, manifest["blocks"]):
-        if set(manifest["blocks"][str(i)]["layers"]) != set(layout.block_linears(i)):
+        if set(manifest["blocks"][str(i)]["layers"]) != set(quantized_linears(layout, i, cfg)):
             raise StreamqError(f"{writer.folder}: {MANIFEST} records other layers for block {i}; use --restart")
         if writer.units[f"block.{i}"].sized_by_data:
             counts = {n: r["n_outliers"] for n, r in manifest["blocks"][str(i)]["layers"].items()}
@@ -251,7 +253,11 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
     from streamq.io.manifest import write_bytes_atomic
 
     if "rest" not in manifest["units"]:
-        manifest["units"]["rest"] = writer.write_unit("rest", {n: ckpt.get(n) for n in non_block_names(layout, ckpt)})
+        rest = {n: ckpt.get(n) for n in non_block_names(layout, ckpt)}
+        head = head_tensors(layout, ckpt, cfg, fmt)  # --quant-lm-head: the head's packed tensors replace its weight
+        if head:
+            del rest[next(iter(head)).rpartition(".")[0] + ".weight"]
+        manifest["units"]["rest"] = writer.write_unit("rest", {**rest, **head})
         manifest.setdefault("source_sha256", {}).update(ckpt.digests or {})
         write_json_atomic(out / MANIFEST, manifest)
     for name in TOKENIZER_FILES:

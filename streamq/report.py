@@ -60,6 +60,8 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         "bits_per_quantized_weight": 8 * sum(stored_bytes) / quant_weights,
         "output_bytes": writer.total_size(),
         "shards": writer.names,
+        "ignored_linears": list(cfg.ignore),  # --ignore: left in fp, copied unchanged (streamq/ignore.py)
+        "quant_lm_head": cfg.quant_lm_head,
     }
     if cfg.method == "spqr":
         report.update(bits_per_parameter=math.fsum(paper_bits) / quant_weights, n_outliers=sum(outliers),

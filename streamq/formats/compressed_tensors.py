@@ -121,7 +121,8 @@ def quantization_config(cfg, quantizer: str) -> dict:
                             group_size=None if cfg.group_size == -1 else cfg.group_size,
                             actorder="static" if cfg.act_order else None, scale_dtype=torch.float16)
     config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+                                format="pack-quantized", quantization_status="compressed",
+                                ignore=[*cfg.ignore, *([] if cfg.quant_lm_head else ["lm_head"])])  # left dense
     q = config.model_dump(mode="json")
     q.update(quantizer=[quantizer], streamq_method=cfg.method, streamq_full_range=cfg.full_range)
     return q
@@ -140,9 +141,11 @@ def config_from(q: dict):
         raise StreamqError("streamq reads compressed-tensors folders with one pack-quantized weight group")
     w = groups[0]["weights"]
     act_order = w.get("actorder") is not None
+    ignore = q.get("ignore") or []
     return QuantConfig(bits=w["num_bits"], group_size=-1 if w.get("group_size") is None else w["group_size"],
                        sym=w.get("symmetric", True), full_range=q.get("streamq_full_range", False),
-                       act_order=act_order, static_groups=act_order)
+                       act_order=act_order, static_groups=act_order,
+                       ignore=tuple(n for n in ignore if n != "lm_head"), quant_lm_head="lm_head" not in ignore)
 
 
 def linear_module(in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):

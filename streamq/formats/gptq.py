@@ -17,6 +17,7 @@ straddle two words. This is exactly AutoGPTQ's `pack` loop for 2/3/4/8 bits. Wor
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -207,6 +208,10 @@ def quantization_config(cfg, quantizer: str) -> dict:
         "true_sequential": cfg.true_sequential, "damp_percent": cfg.damp,
         "quantizer": [quantizer], "streamq_method": cfg.method, "streamq_full_range": cfg.full_range,
         "streamq_act_order": cfg.act_order,
+        # --ignore / --quant-lm-head (streamq/ignore.py): gptqmodel's and vLLM's `dynamic` skips a module whose
+        # name a "-:" regex matches (left dense); both read `lm_head` as "the head is quantized too"
+        "lm_head": cfg.quant_lm_head, "streamq_ignore": list(cfg.ignore),
+        **({"dynamic": {f"-:^{re.escape(n)}$": {} for n in cfg.ignore}} if cfg.ignore else {}),
     }
 
 
@@ -221,7 +226,8 @@ def config_from(q: dict):
     act_order = q.get("streamq_act_order", q.get("desc_act", False))
     return QuantConfig(bits=q["bits"], group_size=q["group_size"], sym=q.get("sym", True),
                        full_range=q.get("streamq_full_range", False), act_order=act_order,
-                       static_groups=act_order and q.get("static_groups", False))
+                       static_groups=act_order and q.get("static_groups", False),
+                       ignore=tuple(q.get("streamq_ignore", ())), quant_lm_head=bool(q.get("lm_head", False)))
 
 
 def linear_module(in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):

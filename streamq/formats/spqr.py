@@ -121,7 +121,7 @@ def quantization_config(cfg: QuantConfig, quantizer: str) -> dict:
         "outlier_format": "csr: outlier_row_ptr int32, outlier_col int16 (uint16 bits), outlier_val fp16",
         "permutation_order": "act_order" if cfg.act_order else "identity", "desc_act": cfg.act_order,
         "sym": cfg.sym, "damp_percent": cfg.damp, "true_sequential": cfg.true_sequential,
-        "quantizer": [quantizer], "streamq_method": "spqr",
+        "quantizer": [quantizer], "streamq_method": "spqr", "streamq_ignore": list(cfg.ignore),
     }
 
 
@@ -134,6 +134,7 @@ def config_from_quantization_config(q: dict) -> QuantConfig:
         "qq_groupsize": q.get("qq_groupsize", 16), "outlier_threshold": q.get("outlier_threshold", "inf"),
         "simplified_outliers": q.get("simplified_outliers", False), "act_order": q.get("desc_act", False),
         "damp": q.get("damp_percent", 0.01), "true_sequential": q.get("true_sequential", True),
+        "ignore": tuple(q.get("streamq_ignore", ())),
     })
 
 

@@ -69,7 +69,8 @@ def qdq(t: Tunable, bits: int, sym: bool, full_range: bool = False) -> tuple[Ten
 
 def autoround_block(block: nn.Module, inputs: Batch, targets: Batch, nsamples: int, kwargs: dict, cfg: QuantConfig,
                     device: torch.device, on_iter: Callable[[int, float], None] | None = None,
-                    chunk: int | None = None) -> dict[str, tuple[QuantResult, float]]:
+                    chunk: int | None = None,
+                    skip: frozenset[str] = frozenset()) -> dict[str, tuple[QuantResult, float]]:
     """Tune and quantize every nn.Linear of block (already on device) jointly; returns {name: (result, loss)}.
 
     inputs(idx) / targets(idx): the block's inputs and its fp outputs for samples idx, each [len(idx), seq,
@@ -78,9 +79,12 @@ def autoround_block(block: nn.Module, inputs: Batch, targets: Batch, nsamples: i
     of the returned weights; on_iter(i, loss) is called after every iteration. chunk: samples per forward pass
 (default cfg.batch_size); a smaller chunk feeds the same batch_size * grad_accum samples per step in more
 passes (the out-of-memory retry), the same gradient up to summation order. The fake-quantized weights are
-    written into the block in its dtype; the block's requires_grad flags are left as found.
+    written into the block in its dtype; the block's requires_grad flags are left as found. skip: names of
+    Linears left in fp (--ignore): not tuned, not returned.
     """
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n not in skip}
+    if not linears:
+        return {}
     dtype = next(iter(linears.values())).weight.dtype
     tunables = {n: _init(n, m, cfg) for n, m in linears.items()}
     flags = {p: p.requires_grad for p in block.parameters()}

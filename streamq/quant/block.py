@@ -120,16 +120,19 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
 @torch.no_grad()
 def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig, device: torch.device,
                    hessian_device: torch.device | None = None, emit: Callable[[torch.Tensor], None] | None = None,
-                   keep_bytes: int | None = None) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
+                   keep_bytes: int | None = None,
+                   skip: frozenset[str] = frozenset()) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
     """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name.
 
     hessian_device: where the Hessians are accumulated and each layer solved (default: device); the CPU
     when the block's forward fits the GPU but the Hessian work does not. emit: called with the quantized
     block's output [1, seq, hidden] on each sample, in order (the next block's inputs). keep_bytes: most bytes
-    per sample of intermediate outputs kept between passes (None: no limit; 0: recompute everything)."""
+    per sample of intermediate outputs kept between passes (None: no limit; 0: recompute everything). skip: names of
+    Linears left in fp (--ignore): they run in every pass with their source weights and are not returned."""
     modules = dict(block.named_modules())
     if not get_method(cfg.method).calibrated:  # data-free (RTN): no Hessians, no passes
-        results = {n: quantize_linear(m, None, cfg) for n, m in modules.items() if isinstance(m, nn.Linear)}
+        results = {n: quantize_linear(m, None, cfg) for n, m in modules.items()
+                   if isinstance(m, nn.Linear) and n not in skip}
         if emit is not None:
             for x in samples():
                 emit(run_block(block, x.to(device), kwargs))
@@ -142,7 +145,9 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
     for j in range(len(p.passes) + (emit is not None)):
         hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit)
         for name in (n for g in p.passes[j] for n in g) if j < len(p.passes) else ():
-            results[name] = quantize_linear(modules[name], hessians.pop(name), cfg)
+            H = hessians.pop(name)
+            if name not in skip:
+                results[name] = quantize_linear(modules[name], H, cfg)
         build_tails(block, t, p, j, kept)
         for m in [m for m, last in last_use.items() if last == j]:
             del kept[m]
