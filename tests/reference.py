@@ -136,6 +136,8 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
             for h in hooks:
                 h.remove()
             for n in group:
+                if f"{prefix}.{i}.{n}" in cfg.ignore:  # exact names: left in fp, still run for later groups
+                    continue
                 H = ist_hessian(xs[n])
                 W = mods[n].weight.data.clone()
                 if cfg.method == "rtn":
