@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format (or SpQR) folder")
     c.add_argument("model", help="source model folder (config.json + *.safetensors)")
     c.add_argument("out", help="output folder (created; an interrupted run there is resumed)")
-    c.add_argument("--method", default="gptq", choices=names(),
+    c.add_argument("--method", default=None, choices=names(),
                    help="gptq: error-compensating solve per Linear; rtn: round to nearest (no data); autoround: "
-                   "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers")
+                   "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers (default: gptq)")
     c.add_argument("--preset", default=None, choices=sorted({n for recipes in PRESETS.values() for n in recipes}),
                    help="a named recipe (default: none): autoround light (50 iters, lr 5e-3) | best "
                    "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave a Linear unquantized, copied unchanged (repeatable): its checkpoint name "
                    "(model.layers.3.mlp.down_proj) or 're:REGEX' matched from the name's start, as llm-compressor's "
                    "ignore lists; a pattern matching nothing is an error (default: none)")
+    r.add_argument("--recipe", default=None, metavar="FILE",
+                   help="an llm-compressor / SparseML recipe YAML (stages of SparseGPT / GPTQ / Quantization / "
+                   "SmoothQuant modifiers) or a MindSpore-style quantization_config, filling the method flags; a flag "
+                   "that contradicts it is an error (default: none)")
     r.add_argument("--quant-lm-head", action="store_true", default=None,
                    help="also quantize the output head, rounded to nearest on the method's grid (refused with tied "
                    "embeddings; default: the head stays fp)")
@@ -228,7 +232,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     import streamq
 
     if args.command == "compress":
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "out")}
+        kwargs = _with_recipe({k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "out")})
         with stop_on_signals() as stop:  # first Ctrl-C / SIGTERM: stop after the current block
             try:
                 out = streamq.compress(args.model, args.out, should_stop=stop, **kwargs)
@@ -241,7 +245,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     elif args.command == "plan":
         from streamq.planner import format_plan
 
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "model", "json", "benchmark")}
+        kwargs = _with_recipe({k: v for k, v in vars(args).items()
+                               if k not in ("command", "debug", "model", "json", "benchmark")})
         plan = streamq.plan(args.model, benchmark=args.benchmark, **kwargs)
         print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     elif args.command == "inspect":
@@ -282,6 +287,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
         run_demo(args.out, args.bits, args.method)
     return 0
+
+
+def _with_recipe(kwargs: dict) -> dict:
+    """compress / plan keyword arguments with --recipe's values filled in (streamq/recipe.py); method gptq unless
+    the flags or the recipe name one."""
+    recipe = kwargs.pop("recipe", None)
+    if recipe is not None:
+        from streamq.recipe import merge_flags, read_recipe
+
+        kwargs = merge_flags(read_recipe(recipe), kwargs)
+    kwargs["method"] = kwargs.get("method") or "gptq"
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
