@@ -62,13 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="output folder (created; an interrupted run there is resumed)")
     c.add_argument("--method", default=None, choices=names(),
                    help="gptq: error-compensating solve per Linear; rtn: round to nearest (no data); autoround: "
-                   "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers (default: gptq)")
+                   "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers; sparsegpt: "
+                   "prune (--sparsity, --mask-structure) and quantize in one pass (default: gptq)")
     c.add_argument("--preset", default=None, choices=sorted({n for recipes in PRESETS.values() for n in recipes}),
                    help="a named recipe (default: none): autoround light (50 iters, lr 5e-3) | best "
                    "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
                    "act-order, damp 1.0, asym, 128 samples); explicit flags win")
     # Method flags default to None (= the QuantConfig default, or the preset's value) so a preset can fill them.
-    c.add_argument("--bits", type=int, default=None, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    c.add_argument("--bits", type=int, default=None, help="bits per weight: 2, 3, 4 or 8 (default 4); sparsegpt "
+                   "also 16 = prune only, fp16 weights")
     c.add_argument("--group-size", type=int, default=None, help="input columns per scale; -1 = per "
                    "channel (default 128)")
     sym = c.add_mutually_exclusive_group()
@@ -129,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quant-lm-head", action="store_true", default=None,
                    help="also quantize the output head, rounded to nearest on the method's grid (refused with tied "
                    "embeddings; default: the head stays fp)")
+    s = c.add_argument_group("SparseGPT")
+    s.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of each Linear's weights pruned, in [0, 1) (default 0.5; N/M with an N:M mask)")
+    s.add_argument("--mask-structure", default=None,
+                   help="0:0 = unstructured (default), N:M = N zeros in every M consecutive input columns (2:4)")
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,
                    help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "

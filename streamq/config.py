@@ -58,6 +58,8 @@ NEUTRAL = {
     "block_columns": 128, "true_sequential": True, "iters": 200, "lr": None, "minmax_tuning": True,
     "batch_size": 8, "grad_accum": 1, "seed": 0, "fp_targets": True, "qq_scale_bits": None,
     "qq_zero_bits": None, "qq_groupsize": 16, "outlier_threshold": math.inf, "simplified_outliers": False,
+    # SparseGPT (issue 18): fraction of weights pruned; "0:0" = unstructured, "N:M" = N zeros per M input columns
+    "sparsity": 0.0, "mask_structure": "0:0",
 }
 # CLI spellings where the flag is not --field-name (booleans whose flag turns the default off)
 FLAGS = {"true_sequential": "--no-true-sequential", "minmax_tuning": "--no-minmax-tuning",
@@ -127,6 +129,9 @@ class QuantConfig:
     # (llm-compressor's syntax) left unquantized, copied byte-identical; quant_lm_head: RTN-quantize the output head
     ignore: tuple[str, ...] = ()
     quant_lm_head: bool = False
+    # SparseGPT (issue 18; methods/sparsegpt.py): see NEUTRAL
+    sparsity: float = UNSET
+    mask_structure: str = UNSET
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -136,8 +141,10 @@ class QuantConfig:
 
         object.__setattr__(self, "ignore", check_patterns(self.ignore, self.quant_lm_head))
         self._resolve_defaults(method)
-        if self.bits not in PACKABLE_BITS:
-            raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} bits")
+        if self.bits not in PACKABLE_BITS and self.bits != method.dense_bits:
+            dense = f" (--method {self.method} also takes {method.dense_bits})" if method.dense_bits else ""
+            raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} "
+                               f"bits{dense}")
         if self.group_size != -1 and self.group_size < 1:
             raise StreamqError(f"--group-size {self.group_size}: use -1 (per channel) or a positive column count")
         if not 0 < self.damp <= 1:

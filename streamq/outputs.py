@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from streamq.config import QuantConfig
+from streamq.config import PACKABLE_BITS, QuantConfig
 from streamq.errors import StreamqError
 from streamq.formats import default_layout
 from streamq.ignore import quantized_head, quantized_linears
@@ -32,7 +32,8 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
     for name in block_names(layout, ckpt, i):
         if name in quantized:
             lin_name, lin = quantized[name]
-            check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
+            if cfg.bits in PACKABLE_BITS:  # 16 (prune only) has no groups
+                check_group_size(lin.in_features, cfg.group_size, prefix + lin_name)
             try:
                 shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg, (n_outliers or {}).get(lin_name, 0))
             except StreamqError as e:

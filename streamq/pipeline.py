@@ -34,6 +34,7 @@ from streamq.methods import get_method
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.outputs import block_tensors, block_unit, plan_units, source_map
 from streamq.progress import BlockProgress, phase
+from streamq.quant.sparsegpt import SparseResult
 from streamq.report import run_report
 from streamq.tokenizer import load_tokenizer
 
@@ -181,10 +182,15 @@ def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors
 
 def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:
     """The block report's entry per Linear: its LayerReport; SpQR adds the outlier count (which also sizes the
-    block's shard on resume) and the bits per parameter as the SpQR paper counts them."""
+    block's shard on resume) and the bits per parameter as the SpQR paper counts them; SparseGPT the achieved
+    sparsity (share of weights its mask pruned) and the share of stored weights that are 0 (pruned, or kept
+    but rounded to the zero code)."""
     records = {}
     for name, (result, report) in results.items():
         records[name] = asdict(report)
+        if isinstance(result, SparseResult):
+            records[name]["sparsity"] = result.pruned / result.weight.numel()
+            records[name]["zero_fraction"] = (result.weight == 0).sum().item() / result.weight.numel()
         if cfg.method == "spqr":
             out_features, in_features = result.codes.shape
             records[name]["n_outliers"] = result.n_outliers

@@ -63,6 +63,10 @@ def run_report(ckpt, layout, cfg, opts, writer: ShardWriter, manifest: dict, dev
         "ignored_linears": list(cfg.ignore),  # --ignore: left in fp, copied unchanged (streamq/ignore.py)
         "quant_lm_head": cfg.quant_lm_head,
     }
+    records = [r for _, _, r in layers_in_order(blocks)]
+    if records and all("sparsity" in r for r in records):  # SparseGPT: shares of all block weights
+        for key in ("sparsity", "zero_fraction"):
+            report[key] = math.fsum(r[key] * w for r, w in zip(records, weights)) / quant_weights
     if cfg.method == "spqr":
         report.update(bits_per_parameter=math.fsum(paper_bits) / quant_weights, n_outliers=sum(outliers),
                       outlier_share=sum(outliers) / quant_weights)

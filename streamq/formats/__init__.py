@@ -27,8 +27,11 @@ FORMATS = {
     "spqr": "streamq.formats.spqr",
     "compressed-tensors": "streamq.formats.compressed_tensors",
     "gguf": "streamq.formats.gguf_file",
+    "dense": "streamq.formats.dense",
 }
-LAYOUTS = ("gptq", "spqr", "compressed-tensors")  # formats the pipeline writes shards in (the rest are exports)
+# formats the pipeline writes shards in (the rest are exports); dense before compressed-tensors, whose
+# quant_method its config.json shares
+LAYOUTS = ("gptq", "spqr", "dense", "compressed-tensors")
 
 
 def get_format(name: str) -> ModuleType:
@@ -51,8 +54,9 @@ def parse_formats(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
 
 def resolve_formats(cfg, names: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """(layout written by the run, formats exported from it afterwards) for method config cfg and the asked
-    formats (empty: the method's default, spqr for SpQR, else gptq). Every format checks it can hold cfg."""
-    default = "spqr" if cfg.method == "spqr" else "gptq"
+    formats (empty: the method's default, spqr for SpQR, dense for 16 bits, else gptq). Every format checks it
+    can hold cfg."""
+    default = "spqr" if cfg.method == "spqr" else "dense" if cfg.bits == 16 else "gptq"
     names = names or (default,)
     layouts = [n for n in names if n in LAYOUTS]
     layout = layouts[0] if layouts else default
@@ -62,7 +66,7 @@ def resolve_formats(cfg, names: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
 
 
 def default_layout(cfg) -> ModuleType:
-    """The layout format of a run that names none: spqr for SpQR, else gptq."""
+    """The layout format of a run that names none: spqr for SpQR, dense for 16 bits, else gptq."""
     return get_format(resolve_formats(cfg, ())[0])
 
 
@@ -73,7 +77,7 @@ def format_of_config(config: dict, where: str) -> ModuleType:
         module = get_format(name)
         if module.matches(q):
             return module
-    raise StreamqError(f"{where}: not a streamq output folder (config.json has no gptq, spqr or "
+    raise StreamqError(f"{where}: not a streamq output folder (config.json has no gptq, spqr, dense or "
                        "compressed-tensors quantization_config)")
 
 

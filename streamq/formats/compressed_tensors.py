@@ -36,6 +36,9 @@ def _library():
 
 
 def check(cfg) -> None:
+    from streamq.formats.dense import refuse_16_bits
+
+    refuse_16_bits(cfg, NAME)
     if cfg.method == "spqr":
         raise StreamqError("--format compressed-tensors cannot hold SpQR's outliers and second-level statistics; "
                            "use --format spqr")
@@ -125,6 +128,10 @@ def quantization_config(cfg, quantizer: str) -> dict:
                                 ignore=[*cfg.ignore, *([] if cfg.quant_lm_head else ["lm_head"])])  # left dense
     q = config.model_dump(mode="json")
     q.update(quantizer=[quantizer], streamq_method=cfg.method, streamq_full_range=cfg.full_range)
+    if cfg.sparsity:  # SparseGPT: the zeros are zero codes of the packed weights
+        from streamq.formats.dense import sparsity_config
+
+        q["sparsity_config"] = sparsity_config(cfg)
     return q
 
 

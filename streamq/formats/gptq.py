@@ -174,6 +174,9 @@ SIZED_BY_DATA = False
 
 
 def check(cfg) -> None:
+    from streamq.formats.dense import refuse_16_bits
+
+    refuse_16_bits(cfg, NAME)
     if cfg.method == "spqr":
         raise StreamqError("--format gptq cannot hold SpQR's outliers and second-level statistics; "
                            "use --format spqr (loaded by streamq.load)")

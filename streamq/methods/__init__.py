@@ -44,7 +44,9 @@ class Method:
     calibrated: needs calibration inputs (False: data-free, no activation store). footprint / estimate: the
     memory model (footprint.py: "gptq" | "rtn" | "autoround") and time model (estimate.py: "gptq" | "spqr" |
     "rtn" | "autoround") it is planned as. check: extra validation of a config (raises StreamqError).
-    reference: the tests' independent implementation ("module:function"), for the reader.
+    reference: the tests' independent implementation ("module:function"), for the reader. dense_bits: a --bits
+    value beyond the packable ones that the method accepts, meaning the weights stay dense 16-bit floats
+    (SparseGPT's 16: prune only).
     """
 
     name: str
@@ -56,6 +58,7 @@ class Method:
     estimate: str = "gptq"
     check: Callable[[object], None] | None = None
     reference: str = ""
+    dense_bits: int | None = None
 
 
 REGISTRY: dict[str, Method] = {}
@@ -86,7 +89,7 @@ def _load_builtin() -> None:
     global _builtin_loaded
     if not _builtin_loaded:
         _builtin_loaded = True
-        from streamq.methods import autoround, gptq, rtn, spqr
+        from streamq.methods import autoround, gptq, rtn, sparsegpt, spqr
 
-        for module in (gptq, rtn, autoround, spqr):  # the registry lines: one per built-in method
+        for module in (gptq, rtn, autoround, spqr, sparsegpt):  # the registry lines: one per built-in method
             REGISTRY.setdefault(module.METHOD.name, module.METHOD)
