@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tau: weights whose error exceeds tau * mean sensitivity stay fp16 (inf = none; default inf)")
     q.add_argument("--simplified-outliers", action="store_true", default=None,
                    help="fit group grids on all weights instead of leaving likely outliers out (default: off)")
+    sq = c.add_argument_group("SmoothQuant and activation quantization (every method; see streamq/quant/actquant.py)")
+    sq.add_argument("--smooth-alpha", type=float, default=None,
+                    help="SmoothQuant migration strength in [0, 1], e.g. 0.5: fold per-channel activation scales into "
+                    "each norm and the Linears reading it before quantizing (default: no smoothing)")
+    sq.add_argument("--act-bits", type=int, default=None,
+                    help="8: int8 activations (W8A8, with --bits 8 --group-size -1; --format compressed-tensors) "
+                    "(default: 16-bit activations)")
+    sq.add_argument("--act-dynamic", action=argparse.BooleanOptionalAction, default=None,
+                    help="per-token dynamic activation scales; --no-act-dynamic: static per-tensor scales "
+                    "calibrated on the calibration data (default: dynamic)")
+    sq.add_argument("--kv-cache", default=None, choices=["int8", "fp8"],
+                    help="calibrate per-layer k/v cache scales from the k/v projections' outputs "
+                    "(--format compressed-tensors; default: 16-bit cache)")
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,
                    help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "

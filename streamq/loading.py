@@ -11,6 +11,7 @@ from streamq.io.blocks import build_layout, materialize
 from streamq.io.checkpoint import Checkpoint
 from streamq.device import resolve_device
 from streamq.io.manifest import reading
+from streamq.quant.actquant import attach, quantizes_activations, read_scales
 from streamq.tokenizer import load_tokenizer
 
 
@@ -31,12 +32,16 @@ def _load_quantized(folder: str | Path, device: str, dtype: torch.dtype):
     fmt = format_of_config(ckpt.config, str(folder))
     cfg = fmt.config_from(ckpt.config["quantization_config"])
     layout = build_layout(ckpt)
+    scales = [read_scales(ckpt, layout, i, cfg) for i in range(layout.n_blocks)]  # W8A8 / KV cache (actquant.py)
     with torch.device("meta"):
         for block in layout.layers:
             swap_linears(block, lambda lin: fmt.linear_module(lin.in_features, lin.out_features, cfg,
                                                               lin.bias is not None, device=lin.weight.device,
                                                               dtype=lin.weight.dtype))
     model = materialize(layout.model, "", ckpt, layout, resolve_device(device), dtype)
+    if quantizes_activations(cfg):  # kept for the model's life: its Linears see int8-fake-quantized inputs
+        for i, block in enumerate(layout.layers):
+            attach(block, cfg, {k: v.to(resolve_device(device)) for k, v in scales[i].items()}, f"block {i}")
     model.config.use_cache = True
     return model.eval()
 

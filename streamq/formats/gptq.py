@@ -24,6 +24,7 @@ from torch import Tensor
 
 from streamq.config import PACKABLE_BITS
 from streamq.errors import StreamqError
+from streamq.quant.actquant import refuse_activation_quant
 from streamq.methods import QuantResult
 
 _WORD = 32
@@ -173,6 +174,7 @@ SIZED_BY_DATA = False
 
 
 def check(cfg) -> None:
+    refuse_activation_quant(cfg, "gptq")  # only compressed-tensors describes it (quant/actquant.py)
     if cfg.method == "spqr":
         raise StreamqError("--format gptq cannot hold SpQR's outliers and second-level statistics; "
                            "use --format spqr (loaded by streamq.load)")
