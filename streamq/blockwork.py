@@ -17,15 +17,20 @@ from streamq.io.checkpoint import Checkpoint
 from streamq.ignore import ignored_in_block
 from streamq.methods import QuantResult, get_method
 from streamq.quant.autoround import autoround_block
+from streamq.quant.actquant import observing, scale_names
+from streamq.quant.actquant import scales as activation_scales
 from streamq.quant.block import LayerReport, quantize_block
+from streamq.quant.smooth import smooth_block
 from streamq.quant.stages import KEEP_BYTES
 
 
 def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
                kwargs: dict, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
-               lean: bool = False) -> dict[str, tuple[QuantResult, LayerReport]]:
-    """Block i from its source weights on device: quantized (its Linears hold the fake-quantized weights) and,
-    with a store, its outputs on the samples of `slot` written to the other slot. Returns results by Linear.
+               lean: bool = False) -> tuple[dict[str, tuple[QuantResult, LayerReport]], dict[str, torch.Tensor]]:
+    """Block i from its source weights on device: smoothed (cfg.smooth_alpha), quantized (its Linears hold the
+    fake-quantized weights) and, with a store, its outputs on the samples of `slot` written to the other slot.
+    Returns (results by Linear, the other tensors the output takes from this block by block-relative name: folded
+    norm weights, activation / KV-cache scales).
 
     lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU, no block intermediates kept
     between passes (recomputed instead); AutoRound feeds half its minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
@@ -34,16 +39,21 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     block = load_block(layout, ckpt, i, device, dtype)
     kwargs = cast_floats(batched_kwargs(kwargs, 1, device), dtype)  # the CPU retry of a 16-bit run computes in fp32
     skip = ignored_in_block(layout, i, cfg)  # --ignore: these Linears run in fp and are not solved
+    what = f"block {i + 1}/{layout.n_blocks}"
+    samples = None if store is None else \
+        lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
+    extra = {}  # tensors besides the Linears' that the output takes from this block (smooth.py, actquant.py)
+    if cfg.smooth_alpha is not None and samples is not None:
+        extra.update(smooth_block(block, samples, kwargs, cfg.smooth_alpha, device, what, skip))
     if get_method(cfg.method).solve is None:  # tunes the whole block (AutoRound)
         fp_inputs = None
         if cfg.fp_stream:  # block 0's inputs are the same in both streams: slot holds them
             fp_inputs = slot if i == 0 else store.fp(slot)
         return autoround_step(block, store, slot, fp_inputs, kwargs, cfg, device,
-                              chunk=max(1, cfg.batch_size // 2) if lean else None, skip=skip)
+                              chunk=max(1, cfg.batch_size // 2) if lean else None, skip=skip), extra
     if store is None:
-        return quantize_block(block, None, kwargs, cfg, device, CPU if lean else device, skip=skip)
+        return quantize_block(block, None, kwargs, cfg, device, CPU if lean else device, skip=skip), extra
     dest, written = store.other(slot), iter(range(store.nsamples))
-    what = f"block {i + 1}/{layout.n_blocks}"
 
     def emit(y: torch.Tensor) -> None:  # the quantized block's output for the next sample: the next block's input
         j = next(written)
@@ -51,11 +61,17 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
         check_finite(y, f"{what} outputs (sample {j})")
         store.write(dest, j, y)
 
-    samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
-    results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device, emit=emit,
-                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples, skip=skip)
+    observe = bool(scale_names(layout.block_linears(i), cfg, what, skip))  # static activation / KV-cache scales
+    results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device,
+                             emit=None if observe else emit, keep_bytes=0 if lean else KEEP_BYTES // store.nsamples,
+                             skip=skip)
+    if observe:  # the output pass, observing the quantized block's activations
+        with torch.no_grad(), observing(block, cfg, what, skip) as absmax:
+            for x in samples():
+                emit(run_block(block, x, kwargs))
+        extra.update(activation_scales(absmax, cfg))
     store.flush(dest)
-    return results
+    return results, extra
 
 
 @torch.no_grad()

@@ -136,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each Linear's weights pruned, in [0, 1) (default 0.5; N/M with an N:M mask)")
     s.add_argument("--mask-structure", default=None,
                    help="0:0 = unstructured (default), N:M = N zeros in every M consecutive input columns (2:4)")
+    sq = c.add_argument_group("SmoothQuant and activation quantization (every method; see streamq/quant/actquant.py)")
+    sq.add_argument("--smooth-alpha", type=float, default=None,
+                    help="SmoothQuant migration strength in [0, 1], e.g. 0.5: fold per-channel activation scales into "
+                    "each norm and the Linears reading it before quantizing (default: no smoothing)")
+    sq.add_argument("--act-bits", type=int, default=None,
+                    help="8: int8 activations (W8A8, with --bits 8 --group-size -1; --format compressed-tensors) "
+                    "(default: 16-bit activations)")
+    sq.add_argument("--act-dynamic", action=argparse.BooleanOptionalAction, default=None,
+                    help="per-token dynamic activation scales; --no-act-dynamic: static per-tensor scales "
+                    "calibrated on the calibration data (default: dynamic)")
+    sq.add_argument("--kv-cache", default=None, choices=["int8", "fp8"],
+                    help="calibrate per-layer k/v cache scales from the k/v projections' outputs "
+                    "(--format compressed-tensors; default: 16-bit cache)")
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,
                    help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "

@@ -132,6 +132,12 @@ class QuantConfig:
     # SparseGPT (issue 18; methods/sparsegpt.py): see NEUTRAL
     sparsity: float = UNSET
     mask_structure: str = UNSET
+    # SmoothQuant and activation quantization (streamq/quant/smooth.py, streamq/quant/actquant.py): read by every
+    # method (RTN calibrates the activations it needs); see check_activation_fields for what each combination means.
+    smooth_alpha: float | None = None
+    act_bits: int | None = None
+    act_dynamic: bool = True
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -167,6 +173,9 @@ class QuantConfig:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
         if method.check is not None:
             method.check(self)
+        from streamq.quant.actquant import check_activation_fields
+
+        check_activation_fields(self)
 
     def _resolve_defaults(self, method) -> None:
         """Fill unset fields with the method's defaults (else NEUTRAL's); refuse fields the method does not read
@@ -188,6 +197,13 @@ class QuantConfig:
     def fp_stream(self) -> bool:
         """Whether the run carries the fp model's hidden states beside the quantized ones (AutoRound's targets)."""
         return self.method == "autoround" and self.fp_targets
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run reads calibration activations: the method's Hessians or tuning, or statistics that
+        smoothing, static activation scales or KV-cache scales are calibrated from (RTN included)."""
+        return (get_method(self.method).calibrated or self.smooth_alpha is not None
+                or (self.act_bits is not None and not self.act_dynamic) or self.kv_cache is not None)
 
     @property
     def maxq(self) -> int:

@@ -12,6 +12,7 @@ from streamq.io.blocks import build_layout, materialize
 from streamq.io.checkpoint import Checkpoint
 from streamq.device import resolve_device
 from streamq.io.manifest import reading
+from streamq.quant.actquant import attach, quantizes_activations, read_scales
 from streamq.tokenizer import load_tokenizer
 
 
@@ -34,6 +35,7 @@ def _load_quantized(folder: str | Path, device: str, dtype: torch.dtype):
     layout = build_layout(ckpt)
     make = lambda lin: fmt.linear_module(lin.in_features, lin.out_features, cfg, lin.bias is not None,  # noqa: E731
                                          device=lin.weight.device, dtype=lin.weight.dtype)
+    scales = [read_scales(ckpt, layout, i, cfg) for i in range(layout.n_blocks)]  # W8A8 / KV cache (actquant.py)
     with torch.device("meta"):
         for i, block in enumerate(layout.layers):
             swap_linears(block, make, skip=ignored_in_block(layout, i, cfg))  # ignored Linears stay dense
@@ -41,6 +43,10 @@ def _load_quantized(folder: str | Path, device: str, dtype: torch.dtype):
         if head is not None:
             swap_linears(layout.model, make, only=head[0])
     model = materialize(layout.model, "", ckpt, layout, resolve_device(device), dtype)
+    if quantizes_activations(cfg):  # kept for the model's life: its Linears see int8-fake-quantized inputs
+        for i, block in enumerate(layout.layers):
+            attach(block, cfg, {k: v.to(resolve_device(device)) for k, v in scales[i].items()}, f"block {i}",
+                   ignored_in_block(layout, i, cfg))
     model.config.use_cache = True
     return model.eval()
 

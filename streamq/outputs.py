@@ -8,10 +8,11 @@ import torch
 from streamq.config import PACKABLE_BITS, QuantConfig
 from streamq.errors import StreamqError
 from streamq.formats import default_layout
-from streamq.ignore import quantized_head, quantized_linears
+from streamq.ignore import ignored_in_block, quantized_head, quantized_linears
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import TensorSpec, Unit
+from streamq.quant.actquant import scale_specs
 from streamq.quant.grid import check_group_size
 
 
@@ -43,6 +44,9 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
         else:
             info = ckpt.tensors[name]
             specs.append(TensorSpec(name, DTYPES[info.dtype], info.shape))
+    for name, (shape, dtype) in scale_specs(layout.block_linears(i), cfg, f"{ckpt.folder}: block {i}",
+                                            ignored_in_block(layout, i, cfg)).items():  # actquant.py
+        specs.append(TensorSpec(prefix + name, dtype, shape))
     return Unit(f"block.{i}", tuple(sorted(specs, key=lambda s: s.name)), sized_by_data=fmt.SIZED_BY_DATA)
 
 
@@ -63,9 +67,11 @@ def plan_units(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None
 
 
 def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
-                  cfg: QuantConfig, fmt=None) -> dict[str, torch.Tensor]:
-    """Block i's output tensors: its Linears packed by layout format fmt (None = default_layout), everything
-    else copied unchanged."""
+                  cfg: QuantConfig, fmt=None, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """Block i's output tensors: its Linears packed by layout format fmt (None = default_layout), the tensors
+    in extra (block-relative name -> tensor: SmoothQuant's folded norms, in the source tensor's dtype, and the
+    activation scales) as given, everything else copied unchanged."""
+    extra = extra or {}
     fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
     out = {}
@@ -74,8 +80,12 @@ def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
             out[f"{prefix}{lin_name}.{k}"] = t.cpu()
     packed_weights = {f"{prefix}{n}.weight" for n in results}
     for name in block_names(layout, ckpt, i):
-        if name not in packed_weights:
+        if name[len(prefix):] in extra:
+            out[name] = extra[name[len(prefix):]].to(DTYPES[ckpt.tensors[name].dtype]).cpu()
+        elif name not in packed_weights:
             out[name] = ckpt.get(name)
+    for rel, t in extra.items():
+        out.setdefault(prefix + rel, t.cpu())
     return out
 
 

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from streamq.calib.capture import ModelEnds, run_block
 from streamq.calib.data import eval_windows
 from streamq.calib.store import ActivationStore
+from streamq.ignore import ignored_in_block
 from streamq.io.blocks import build_layout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
 from streamq.device import resolve_device, resolve_dtype
 from streamq.progress import iter_blocks
+from streamq.quant.actquant import fake_quantized, quantizes_activations, read_scales
 from streamq.tokenizer import load_tokenizer
 
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"  # shipped held-out text (never used for calibration)
@@ -67,10 +69,14 @@ def evaluate_text(model, data=HELDOUT, seqlen: int = 2048, max_windows: int | No
             hidden, _ = ends.block_inputs(windows[j:j + 1])
             store.write("a", j, hidden)
         slot = "a"
+        act = ckpt.quant_format[1] if ckpt.quant_format and quantizes_activations(ckpt.quant_format[1]) else None
         for i in iter_blocks(range(layout.n_blocks), layout.n_blocks, label, progress):
+            scales = read_scales(ckpt, layout, i, act)
             block = load_block(layout, ckpt, i, dev, dt)
-            for j, x in store.iter_samples(slot):
-                store.write(store.other(slot), j, run_block(block, x.to(dev), kwargs[i]))
+            skip = ignored_in_block(layout, i, act) if act is not None else frozenset()  # --ignore: fp inputs
+            with fake_quantized(block, act, scales, f"block {i}", skip):  # W8A8 / KV cache: activations as they run
+                for j, x in store.iter_samples(slot):
+                    store.write(store.other(slot), j, run_block(block, x.to(dev), kwargs[i]))
             release_block(layout, i)
             slot = store.other(slot)
         nll = 0.0

@@ -91,7 +91,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     dtype = resolve_dtype(opts.dtype, device, ckpt)
 
     tokens = None  # 2
-    if get_method(cfg.method).calibrated:
+    if cfg.calibrated:  # the method's data, or activation statistics (smoothing, static / KV-cache scales)
         phase(f"tokenizing the calibration text into {opts.nsamples} windows of {opts.seqlen} tokens", opts.progress)
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
@@ -135,7 +135,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
             work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs[i], cfg, dev,  # noqa: E731
                                                 attempt_dtype(dev, planned, dtype), lean)
             reset_peak_vram(device)
-            results = with_fallback(work, planned, f"block {i + 1}/{layout.n_blocks}")
+            results, extra = with_fallback(work, planned, f"block {i + 1}/{layout.n_blocks}")
             io_wait += writes.wait()  # block i - 1 is on disk: the manifest and the writer are ours again
             if store is not None:
                 manifest["slot"] = store.other(slot)
@@ -143,8 +143,8 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
             if units[i].sized_by_data:  # SpQR: the outlier counts size the block's own shard
                 writer.settle(block_unit(layout, ckpt, cfg, i, {n: r["n_outliers"] for n, r in layers.items()}, fmt))
                 manifest["plan"].update(writer.plan())
-            tensors = block_tensors(layout, ckpt, i, results, cfg, fmt)
-            del results
+            tensors = block_tensors(layout, ckpt, i, results, cfg, fmt, extra)
+            del results, extra
             release_block(layout, i)
             io_wait += store.io_seconds - store_io if store else 0.0
             seconds = time.perf_counter() - start

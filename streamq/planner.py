@@ -91,7 +91,7 @@ def make_plan(model, cfg: QuantConfig, opts: RunOptions, max_ram: int | None = N
     f = footprint.facts(layout, ckpt, cfg, dtype, opts)
     baseline = psutil.Process().memory_info().rss
     method = get_method(cfg.method)
-    if not method.calibrated:
+    if not cfg.calibrated:
         choices = ["none"]
     elif fixed_offload:
         choices = [opts.offload]

@@ -123,8 +123,10 @@ def quantization_config(cfg, quantizer: str) -> dict:
                             strategy="channel" if cfg.group_size == -1 else "group",
                             group_size=None if cfg.group_size == -1 else cfg.group_size,
                             actorder="static" if cfg.act_order else None, scale_dtype=torch.float16)
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                                format="pack-quantized", quantization_status="compressed",
+    inputs, kv_cache = activation_args(cfg)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                quantization_status="compressed", kv_cache_scheme=kv_cache,
                                 ignore=[*cfg.ignore, *([] if cfg.quant_lm_head else ["lm_head"])])  # left dense
     q = config.model_dump(mode="json")
     q.update(quantizer=[quantizer], streamq_method=cfg.method, streamq_full_range=cfg.full_range)
@@ -152,7 +154,43 @@ def config_from(q: dict):
     return QuantConfig(bits=w["num_bits"], group_size=-1 if w.get("group_size") is None else w["group_size"],
                        sym=w.get("symmetric", True), full_range=q.get("streamq_full_range", False),
                        act_order=act_order, static_groups=act_order,
-                       ignore=tuple(n for n in ignore if n != "lm_head"), quant_lm_head="lm_head" not in ignore)
+                       ignore=tuple(n for n in ignore if n != "lm_head"), quant_lm_head="lm_head" not in ignore,
+                       **activation_fields(groups[0].get("input_activations"), q.get("kv_cache_scheme")))
+
+
+def activation_args(cfg):
+    """(input_activations, kv_cache_scheme) QuantizationArgs of cfg, None where not quantized: int8 activations per
+    token (dynamic) or per tensor (static, scales in <linear>.input_scale); the KV cache int8 or fp8 (type float)
+    per tensor, static, scales in <attention>.k_scale / v_scale (streamq/quant/actquant.py)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    inputs = kv_cache = None
+    if cfg.act_bits is not None:
+        inputs = QuantizationArgs(num_bits=cfg.act_bits, type="int", symmetric=True, dynamic=cfg.act_dynamic,
+                                  strategy="token" if cfg.act_dynamic else "tensor")
+    if cfg.kv_cache is not None:
+        kv_cache = QuantizationArgs(num_bits=8, type="float" if cfg.kv_cache == "fp8" else "int", symmetric=True,
+                                    strategy="tensor", dynamic=False)
+    return inputs, kv_cache
+
+
+def activation_fields(inputs: dict | None, kv_cache: dict | None) -> dict:
+    """QuantConfig's act_bits / act_dynamic / kv_cache from the config's input_activations / kv_cache_scheme;
+    a scheme streamq does not run is refused in one line."""
+    fields = {}
+    if inputs:
+        if inputs.get("num_bits") != 8 or inputs.get("type", "int") != "int" or not inputs.get("symmetric", True) \
+                or inputs.get("strategy") not in ("token", "tensor"):
+            raise StreamqError(f"compressed-tensors input_activations {inputs}: streamq runs symmetric int8 per token "
+                               "or per tensor only")
+        fields.update(act_bits=8, act_dynamic=bool(inputs.get("dynamic", inputs.get("strategy") == "token")))
+    if kv_cache:
+        if kv_cache.get("num_bits") != 8 or kv_cache.get("strategy") != "tensor" \
+                or kv_cache.get("type") not in ("int", "float"):
+            raise StreamqError(f"compressed-tensors kv_cache_scheme {kv_cache}: streamq runs 8-bit per-tensor int or "
+                               "float (fp8) caches only")
+        fields["kv_cache"] = "fp8" if kv_cache["type"] == "float" else "int8"
+    return fields
 
 
 def linear_module(in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):

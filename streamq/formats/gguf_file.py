@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from streamq.errors import StreamqError
+from streamq.quant.actquant import refuse_activation_quant
 from streamq.formats.gptq import GPTQTensors
 
 NAME = "gguf"
@@ -27,6 +28,7 @@ HEAD_TYPES = ("q8_0", "f16")
 
 
 def check(cfg) -> None:
+    refuse_activation_quant(cfg, "gguf")  # only compressed-tensors describes it (quant/actquant.py)
     if cfg.method == "spqr":
         raise StreamqError("--format gguf: SpQR's outliers and second-level statistics have no GGUF type")
     if (cfg.bits, cfg.sym) not in ((4, True), (4, False), (8, True)):

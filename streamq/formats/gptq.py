@@ -25,6 +25,7 @@ from torch import Tensor
 
 from streamq.config import PACKABLE_BITS
 from streamq.errors import StreamqError
+from streamq.quant.actquant import refuse_activation_quant
 from streamq.methods import QuantResult
 
 _WORD = 32
@@ -177,6 +178,7 @@ def check(cfg) -> None:
     from streamq.formats.dense import refuse_16_bits
 
     refuse_16_bits(cfg, NAME)
+    refuse_activation_quant(cfg, "gptq")  # only compressed-tensors describes it (quant/actquant.py)
     if cfg.method == "spqr":
         raise StreamqError("--format gptq cannot hold SpQR's outliers and second-level statistics; "
                            "use --format spqr (loaded by streamq.load)")

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
+from streamq.quant.actquant import refuse_activation_quant
 from streamq.formats.gptq import group_affine, pack_bits, unpack_bits
 from streamq.quant.spqr import SpQRResult
 
@@ -234,6 +235,7 @@ SIZED_BY_DATA = True  # the outlier tensors' lengths
 
 
 def check(cfg: QuantConfig) -> None:
+    refuse_activation_quant(cfg, "spqr")  # only compressed-tensors describes it (quant/actquant.py)
     if cfg.method != "spqr":
         raise StreamqError(f"--format spqr holds --method spqr's results, not {cfg.method}'s; use --format gptq")
 
