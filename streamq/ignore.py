@@ -102,6 +102,16 @@ def ignored_in_block(layout, i: int, cfg) -> frozenset[str]:
     return frozenset(layout.block_linears(i)) - frozenset(quantized_linears(layout, i, cfg))
 
 
+def loader_hints(quantized: list[str], cfg, fmt_name: str) -> dict:
+    """Extra quantization_config keys naming the quantized Linears (full names) when some are ignored, for
+    loaders that skip by an allow-list: transformers/optimum's GPTQ `modules_in_block_to_quantize` (matched with
+    str.endswith, so full names select exactly those modules); the `dynamic` rules of the gptq format are
+    gptqmodel's / vLLM's own reading."""
+    if not cfg.ignore or fmt_name != "gptq":
+        return {}
+    return {"modules_in_block_to_quantize": [list(quantized)]}
+
+
 def quantized_head(layout, cfg) -> tuple[str, nn.Linear] | None:
     """(name, meta Linear) of the head when cfg quantizes it, else None."""
     if not cfg.quant_lm_head:

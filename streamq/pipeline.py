@@ -22,7 +22,7 @@ from streamq.fallback import CPU, attempt_dtype, with_fallback
 from streamq.formats import get_format, output_config, resolve_formats
 from streamq.formats import spqr as spqr_format
 from streamq.formats.export import export_missing
-from streamq.ignore import head_tensors, quantized_linears, resolve_ignore
+from streamq.ignore import head_tensors, loader_hints, quantized_linears, resolve_ignore
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
 from streamq.io.checkpoint import Checkpoint
 from streamq.io.manifest import open_output, write_json_atomic, writer_lock
@@ -272,8 +272,9 @@ def finish(out: Path, ckpt: Checkpoint, layout: ModelLayout, cfg: QuantConfig, o
     if len(writer.names) > 1:
         write_json_atomic(out / INDEX,
                           {"metadata": {"total_size": writer.total_size()}, "weight_map": writer.weight_map()})
-    config = output_config(ckpt.config, fmt.quantization_config(cfg, f"streamq:{__version__}"),
-                           type(layout.model).__name__)
+    quantized = [layout.block_prefix(i) + n for i in range(layout.n_blocks) for n in quantized_linears(layout, i, cfg)]
+    q = {**fmt.quantization_config(cfg, f"streamq:{__version__}"), **loader_hints(quantized, cfg, fmt.NAME)}
+    config = output_config(ckpt.config, q, type(layout.model).__name__)
     write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     write_json_atomic(out / REPORT, run_report(ckpt, layout, cfg, opts, writer, manifest, device, fmt))
     manifest["complete"] = True

@@ -1,7 +1,8 @@
 """--ignore and --quant-lm-head (streamq/ignore.py): ignored Linears are not quantized, their source tensors are
 copied byte-identical, the report and every layout's quantization_config list them, the loaders leave them
 dense, and the true-sequential passes still run them in fp (streamed GPTQ == the in-memory reference with the
-same Linears skipped); a pattern that matches nothing is refused; the head is quantized only when asked."""
+same Linears skipped); a pattern that matches nothing is refused; the head is quantized only when asked.
+transformers + gptqmodel leaving them dense: tests/test_formats_gptqmodel.py (the test-gptq extra)."""
 from __future__ import annotations
 
 import json
@@ -87,6 +88,7 @@ def test_ignored_linears_are_copied_byte_identical_and_stay_dense(src, tmp_path,
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     if fmt == "gptq":
         assert q["streamq_ignore"] == IGNORED and q["lm_head"] is False
+        assert sorted(q["modules_in_block_to_quantize"][0]) == sorted(recorded)  # transformers / optimum's allow-list
         assert sorted(q["dynamic"]) == sorted(f"-:^{n.replace('.', chr(92) + '.')}$" for n in IGNORED)
     else:
         assert q["ignore"] == [*IGNORED, "lm_head"]
@@ -158,19 +160,3 @@ def test_quant_lm_head_with_tied_embeddings_is_refused(tmp_path, capsys):
                  "--quant-lm-head", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "tied to the input embeddings" in err, err
-
-
-def test_transformers_gptqmodel_leaves_ignored_linears_dense(src, tmp_path):
-    pytest.importorskip("gptqmodel", reason="pip install '.[test-gptq]' (gptqmodel 7.6 + optimum)")
-    pytest.importorskip("optimum", reason="pip install '.[test-gptq]' (gptqmodel 7.6 + optimum)")
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
-    out = compress(src, tmp_path / "o", "rtn", ignore=PATTERNS)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu",
-                                                 quantization_config=GPTQConfig(bits=4, backend="torch"))
-    modules = dict(model.named_modules())
-    for name in IGNORED:
-        assert type(modules[name]) is nn.Linear, (name, type(modules[name]))
-    ids = torch.randint(0, model.config.vocab_size, (1, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, streamq.load(out)(ids).logits, rtol=0, atol=1e-2)

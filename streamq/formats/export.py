@@ -108,7 +108,10 @@ def convert_layout(ckpt: Checkpoint, source, target, cfg: QuantConfig, out: Path
 
     from streamq import __version__
 
-    q = target.quantization_config(cfg, f"streamq:{__version__}")
+    from streamq.ignore import loader_hints
+
+    q = {**target.quantization_config(cfg, f"streamq:{__version__}"),
+         **loader_hints([s[:-1] for s in stems], cfg, target.NAME)}  # --ignore: the quantized Linears by name
     config = output_config({k: v for k, v in ckpt.config.items() if k != "quantization_config"}, q,
                            ckpt.config.get("architectures", [None])[0])
     write_bytes_atomic(out / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
