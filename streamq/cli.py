@@ -41,6 +41,14 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given (so --recipe may set what only a default set)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Help)
@@ -60,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="quantize a Hugging Face model folder into a GPTQ-format (or SpQR) folder")
     c.add_argument("model", help="source model folder (config.json + *.safetensors)")
     c.add_argument("out", help="output folder (created; an interrupted run there is resumed)")
-    c.add_argument("--method", default=None, choices=names(),
+    c.add_argument("--method", default="gptq", choices=names(), action=_Given,
                    help="gptq: error-compensating solve per Linear; rtn: round to nearest (no data); autoround: "
                    "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers; sparsegpt: "
-                   "prune (--sparsity, --mask-structure) and quantize in one pass (default: gptq)")
+                   "prune and quantize in one pass")
     c.add_argument("--preset", default=None, choices=sorted({n for recipes in PRESETS.values() for n in recipes}),
                    help="a named recipe (default: none): autoround light (50 iters, lr 5e-3) | best "
                    "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
@@ -312,11 +320,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def _with_recipe(kwargs: dict) -> dict:
     """compress / plan keyword arguments with --recipe's values filled in (streamq/recipe.py); method gptq unless
     the flags or the recipe name one."""
-    recipe = kwargs.pop("recipe", None)
+    recipe, given = kwargs.pop("recipe", None), kwargs.pop("given", ())
     if recipe is not None:
         from streamq.recipe import merge_flags, read_recipe
 
-        kwargs = merge_flags(read_recipe(recipe), kwargs)
+        kwargs = merge_flags(read_recipe(recipe), {**kwargs, "method": kwargs["method"] if "method" in given else None})
     kwargs["method"] = kwargs.get("method") or "gptq"
     return kwargs
 

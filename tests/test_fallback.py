@@ -116,8 +116,8 @@ def test_oom_autoround_block_retried_in_smaller_chunks(src, tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "block_work", lambda *a: blockwork.block_work(*a))
     chunks = []
     real_step = blockwork.autoround_step
-    monkeypatch.setattr(blockwork, "autoround_step", lambda *a, chunk=None: chunks.append(chunk) or real_step(
-        *a, chunk=chunk))
+    monkeypatch.setattr(blockwork, "autoround_step", lambda *a, chunk=None, **kw: chunks.append(chunk) or real_step(
+        *a, chunk=chunk, **kw))
     leans = out_of_memory_unless_lean(monkeypatch, "autoround_block")
     with pytest.warns(UserWarning, match="out of memory"):
         retried = block_errors(streamq.compress(src, tmp_path / "retried", **kw))

@@ -190,6 +190,9 @@ def test_flags_that_contradict_the_recipe_are_refused_and_agreeing_ones_accepted
     code = main(["compress", str(tmp_path / "m"), str(tmp_path / "o"), "--recipe", str(recipe), "--bits", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--bits 4 contradicts" in err and "scheme" in err and len(err.splitlines()) == 1, err
+    code = main(["compress", str(tmp_path / "m"), str(tmp_path / "o"), "--recipe", str(recipe), "--method", "gptq"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--method gptq contradicts" in err and "SparseGPTModifier" in err, err  # given, not default
     fields = read_recipe(recipe)
     merged = merge_flags(fields, {"bits": 8, "method": None, "ignore": ["re:.*q_proj"], "formats": "compressed-tensors,gguf"})
     assert merged["bits"] == 8 and merged["method"] == "sparsegpt" and merged["formats"] == "compressed-tensors,gguf"
