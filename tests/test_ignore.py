@@ -53,8 +53,9 @@ def raw(t: torch.Tensor) -> bytes:
 
 
 def compress(src, out, method, fmt="gptq", **kw):
+    kw.setdefault("group_size", 32)
     return streamq.compress(src, out, method=method, formats=fmt, calib=str(src / "calib.txt"), nsamples=NS,
-                            seqlen=SEQ, group_size=32, progress=False, **kw)
+                            seqlen=SEQ, progress=False, **kw)
 
 
 def test_match_name_is_llm_compressors():
@@ -119,6 +120,22 @@ def test_ignored_linears_still_run_in_fp_in_the_true_sequential_passes(tmp_path)
     # the skip matters: block 1 sees other inputs than with everything quantized
     name = "model.layers.1.self_attn.q_proj"
     assert not torch.equal(ref[name].codes, ref_all[name].codes)
+
+
+def test_ignored_linears_are_left_out_of_smoothing_and_activation_quantization(src, tmp_path):
+    """With SmoothQuant and static int8 activations, an ignored q_proj keeps its source weight: its norm group
+    (input_layernorm -> q/k/v) is not smoothed in that block, and it gets no input scale; streamq.load runs it."""
+    out = compress(src, tmp_path / "o", "rtn", "compressed-tensors", bits=8, group_size=-1, smooth_alpha=0.5,
+                   act_bits=8, act_dynamic=False, ignore=["model.layers.0.self_attn.q_proj"])
+    source, output = read_all(src), read_all(out)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"):
+        assert raw(output[name]) == raw(source[name]), name
+    assert not torch.equal(output["model.layers.1.input_layernorm.weight"],
+                           source["model.layers.1.input_layernorm.weight"])  # smoothed where nothing is ignored
+    assert "model.layers.0.self_attn.q_proj.input_scale" not in output
+    assert "model.layers.0.self_attn.k_proj.input_scale" in output
+    with torch.no_grad():
+        assert torch.isfinite(streamq.load(out)(torch.randint(0, 100, (1, 8))).logits).all()
 
 
 def test_a_pattern_that_matches_nothing_is_a_one_line_error(src, tmp_path, capsys):

@@ -121,6 +121,8 @@ def test_obcq_tutorial_recipe_runs_end_to_end_and_writes_what_its_flags_write(tm
     source = read_all(src)
     ignored = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(by_recipe[ignored], source[ignored])
+    assert "model.layers.1.mlp.down_proj.input_scale" not in by_recipe  # ignored: fp inputs, no static scale
+    assert "model.layers.0.mlp.down_proj.input_scale" in by_recipe
     model = streamq.load(tmp_path / "r")
     for i in range(2):
         for name, m in model.model.layers[i].named_modules():
