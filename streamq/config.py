@@ -135,9 +135,10 @@ class QuantConfig:
             raise StreamqError(f"--method {self.method!r}: choose one of {', '.join(names())}")
         self._resolve_defaults(method)
         if self.bits not in PACKABLE_BITS and self.bits != method.dense_bits:
-            dense = f" (--method {self.method} also takes {method.dense_bits})" if method.dense_bits else ""
+            dense = [m for m in names() if get_method(m).dense_bits == self.bits]  # SparseGPT's 16: prune only
+            hint = f" (--method {', '.join(dense)} also takes {self.bits}: dense weights)" if dense else ""
             raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} "
-                               f"bits{dense}")
+                               f"bits{hint}")
         if self.group_size != -1 and self.group_size < 1:
             raise StreamqError(f"--group-size {self.group_size}: use -1 (per channel) or a positive column count")
         if not 0 < self.damp <= 1:
