@@ -14,6 +14,7 @@ from streamq.calib.data import calibration_windows
 from streamq.cli import main
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
+from streamq.interrupt import Interrupted
 from streamq.formats.gptq import dense_gptq, unpack_gptq
 from streamq.quant.hessian import relative_output_error
 from streamq.quant.rtn import rtn_quantize
@@ -164,6 +165,20 @@ def test_prune_only_folder_loads_evaluates_and_generates(tmp_path, capsys):
     assert abs(ppl - loaded_model_perplexity(out, src / "calib.txt", seqlen=32, windows=2)) / ppl < 1e-3
     assert main(["generate", str(out), "Hello", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()  # the continuation
+    assert main(["verify", str(out)]) == 0
+
+
+def test_interrupted_prune_only_run_resumes_byte_identically(tmp_path):
+    src = make_tiny_model(tmp_path / "m", "llama", n_layers=2, shards=1)
+    kw = dict(method="sparsegpt", bits=16, calib=str(src / "calib.txt"), nsamples=4, seqlen=32, progress=False)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    streamq.compress(src, whole, **kw)
+    with pytest.raises(Interrupted):
+        streamq.compress(src, cut, should_stop=lambda: True, **kw)  # stops once block 1 is on disk
+    assert json.loads((cut / "streamq_manifest.json").read_text())["next_block"] == 1
+    streamq.compress(src, cut, **kw)
+    a, b = read_all(whole), read_all(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_compressed_tensors_layout_describes_the_sparsity(tmp_path):
