@@ -101,6 +101,10 @@ class QuantConfig:
     rows sharing one second-level scale/zero; outlier_threshold: tau, a weight whose Hessian-weighted squared
     error exceeds tau * the layer's mean sensitivity is kept in fp16 (inf = no outliers); simplified_outliers:
     fit each group's grid on all its weights instead of leaving likely outliers out (faster, usually worse).
+
+    SparseGPT only: sparsity: fraction of each Linear's weights pruned, in [0, 1) (default 0.5, N/M with an
+    N:M mask); mask_structure: "0:0" unstructured, "N:M" N zeros in every M consecutive input columns; bits 16
+    prunes without quantizing (dense fp16 weights).
     """
 
     method: str = "gptq"
