@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,
                    help="output format(s), comma-separated: gptq (default) | compressed-tensors | gguf | spqr "
-                   "(the default of --method spqr); the first of gptq/compressed-tensors/spqr is OUT's layout, "
+                   "(the default of --method spqr) | dense (of --bits 16); the first of gptq/compressed-tensors/"
+                   "spqr/dense is OUT's layout, "
                    "each further one is exported into OUT/<format>/")
     c.add_argument("--shard-size", type=parse_size, default=5 * 10**9, help="output shard limit (default 5GB)")
     resume = c.add_mutually_exclusive_group()

@@ -101,6 +101,10 @@ class QuantConfig:
     rows sharing one second-level scale/zero; outlier_threshold: tau, a weight whose Hessian-weighted squared
     error exceeds tau * the layer's mean sensitivity is kept in fp16 (inf = no outliers); simplified_outliers:
     fit each group's grid on all its weights instead of leaving likely outliers out (faster, usually worse).
+
+    SparseGPT only: sparsity: fraction of each Linear's weights pruned, in [0, 1) (default 0.5, N/M with an
+    N:M mask); mask_structure: "0:0" unstructured, "N:M" N zeros in every M consecutive input columns; bits 16
+    prunes without quantizing (dense fp16 weights).
     """
 
     method: str = "gptq"
@@ -148,9 +152,10 @@ class QuantConfig:
         object.__setattr__(self, "ignore", check_patterns(self.ignore, self.quant_lm_head))
         self._resolve_defaults(method)
         if self.bits not in PACKABLE_BITS and self.bits != method.dense_bits:
-            dense = f" (--method {self.method} also takes {method.dense_bits})" if method.dense_bits else ""
+            dense = [m for m in names() if get_method(m).dense_bits == self.bits]  # SparseGPT's 16: prune only
+            hint = f" (--method {', '.join(dense)} also takes {self.bits}: dense weights)" if dense else ""
             raise StreamqError(f"--bits {self.bits}: the GPTQ format packs {', '.join(map(str, PACKABLE_BITS))} "
-                               f"bits{dense}")
+                               f"bits{hint}")
         if self.group_size != -1 and self.group_size < 1:
             raise StreamqError(f"--group-size {self.group_size}: use -1 (per channel) or a positive column count")
         if not 0 < self.damp <= 1:

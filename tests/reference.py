@@ -1,9 +1,12 @@
-"""A plain in-memory GPTQ/RTN/SpQR reference on the full model, written as the IST-DASLab scripts do it: the
+"""A plain in-memory GPTQ/RTN/SpQR/SparseGPT reference on the full model, written as the IST-DASLab scripts do it: the
 whole model in RAM, all calibration inputs of a layer in one tensor, the block list and the sequential groups
 listed by hand per architecture (read off transformers' modeling code), Hessians as 2/n * sum x^T x
 updated window by window in fp32 (IST's add_batch). Shares only the per-layer solvers and AutoRound's
-per-block tuner (tested on their own) with streamq."""
+per-block tuner (tested on their own) with streamq; SparseGPT's solver here is a plain loop of its own
+(plain_sparsegpt), sharing only the RTN grid primitives (quant/grid.py)."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,6 +16,7 @@ from streamq.quant.autoround import autoround_block
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import relative_output_error
 from streamq.quant.rtn import rtn_quantize
+from streamq.quant.grid import dequantize, fit_grid, quantize_codes
 from streamq.quant.spqr import spqr_quantize
 
 _ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -118,9 +122,11 @@ def reference_spqr(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
 
 
 @torch.no_grad()
-def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
+def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig, follow: dict | None = None):
     """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)});
-    method "spqr": SpQRResults and no errors (see reference_spqr)."""
+    method "spqr": SpQRResults and no errors (see reference_spqr); "sparsegpt": see reference_sparsegpt.
+    follow: {full linear name: weight [out, in]} that replaces the layer's own result once it is solved, so each
+    later layer is solved on the inputs those weights give (a per-layer check, free of cascades)."""
     model, layers, prefix, inputs, kws = load_with_block0_inputs(model_dir, tokens)
     results, errors = {}, {}
     groups = SEQUENTIAL.get(model.config.model_type, SEQUENTIAL["default"])
@@ -144,11 +150,91 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
                     r = rtn_quantize(W, cfg)
                 elif cfg.method == "spqr":
                     r = spqr_quantize(W, H, cfg)
+                elif cfg.method == "sparsegpt":
+                    r = plain_sparsegpt(W, H, cfg)
+                    errors[f"{prefix}.{i}.{n}"] = (W, H)  # the layer's source weight and Hessian
                 else:
                     r = gptq_quantize(W, H, cfg).result
                     errors[f"{prefix}.{i}.{n}"] = (relative_output_error(W, r.weight, H),
                                                    relative_output_error(W, rtn_quantize(W, cfg).weight, H))
-                mods[n].weight.data = r.weight
+                mods[n].weight.data = r.weight if follow is None else follow[f"{prefix}.{i}.{n}"].float()
                 results[f"{prefix}.{i}.{n}"] = r
         inputs = _forward(layer, inputs, kw)
     return model, results, errors
+
+
+class PlainSparse(NamedTuple):
+    """plain_sparsegpt's result: weight [out, in] fp32, codes / scales / zeros (None with bits 16), mask."""
+
+    weight: torch.Tensor
+    codes: torch.Tensor | None  # [out, in] long
+    scales: torch.Tensor | None  # [n_groups, out]
+    zeros: torch.Tensor | None  # [n_groups, out]
+    mask: torch.Tensor  # [out, in] bool, True = pruned
+
+
+@torch.no_grad()
+def reference_sparsegpt(model_dir, tokens: torch.Tensor, cfg: QuantConfig, follow: dict | None = None):
+    """SparseGPT on the full model in RAM (reference_quantize's capture, groups and Hessians), each layer solved
+    by plain_sparsegpt. Returns (pruned model, {full linear name: PlainSparse}, {full name: (W, H)}: each
+    layer's source weight and the Hessian it was solved with). follow: see reference_quantize; a mask decision
+    near a tie can flip between two fp32 roundings of the same Hessian and would otherwise move every later
+    layer's inputs."""
+    assert cfg.method == "sparsegpt"
+    return reference_quantize(model_dir, tokens, cfg, follow)
+
+
+def plain_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> PlainSparse:
+    """Textbook SparseGPT in fp64, one column at a time, with the explicit inverse: choose the mask (score
+    w^2 / d, d = the column's diagonal of H^-1 once every earlier column is eliminated; unstructured: the
+    int(sparsity * rows * width) lowest of every block_columns-wide block, N:M: the N lowest of each row's M
+    columns, ties to the lower index), zero the pruned weights, round the rest (GPTQ grid per group fitted on the
+    updated weights with the known pruned ones 0; bits 16: fp16), spread the error over the later columns with
+    row i of H^-1, then eliminate column i from H^-1 (Schur complement). No Cholesky, no lazy batches."""
+    W, H = W.double().clone(), H.double().clone()
+    rows, n = W.shape
+    dead = H.diag() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += cfg.damp * H.diag().mean() * torch.eye(n, dtype=H.dtype)
+    Hinv = torch.linalg.inv(H)
+    d, elim = [], Hinv.clone()  # d[j]: H^-1's diagonal at j once columns < j are eliminated
+    for j in range(n):
+        d.append(elim[j, j].item())
+        elim -= torch.outer(elim[:, j], elim[j, :]) / d[j]
+    N, M = (int(v) for v in cfg.mask_structure.split(":"))
+    quantized = cfg.bits != 16
+    gs = n if cfg.group_size == -1 or not quantized else cfg.group_size
+    mask = torch.zeros(rows, n, dtype=torch.bool)
+    Q = torch.zeros_like(W)
+    codes = torch.zeros(rows, n, dtype=torch.long)
+    scales, zeros = [], []
+    for i in range(n):
+        if M == 0 and i % cfg.block_columns == 0:
+            e = min(i + cfg.block_columns, n)
+            scores = [W[r, c].item() ** 2 / d[c] for r in range(rows) for c in range(i, e)]
+            for idx in sorted(range(len(scores)), key=lambda k: scores[k])[:int(len(scores) * cfg.sparsity)]:
+                mask[idx // (e - i), i + idx % (e - i)] = True
+        if M and i % M == 0:
+            for r in range(rows):
+                scores = [W[r, c].item() ** 2 / d[c] for c in range(i, i + M)]
+                for k in sorted(range(M), key=lambda k: scores[k])[:N]:
+                    mask[r, i + k] = True
+        if quantized and i % gs == 0:
+            scale, zero = fit_grid(torch.where(mask[:, i:i + gs], 0.0, W[:, i:i + gs]), cfg.bits, cfg.sym,
+                                   cfg.full_range)
+            scales.append(scale)
+            zeros.append(zero)
+        q = torch.where(mask[:, i], 0.0, W[:, i])[:, None]
+        if quantized:
+            code = quantize_codes(q, scale, zero, cfg.maxq)
+            codes[:, i] = code[:, 0].long()
+            q = dequantize(code, scale, zero)
+        else:
+            q = q.half().double()
+        Q[:, i] = q[:, 0]
+        W[:, i:] -= torch.outer((W[:, i] - Q[:, i]) / Hinv[i, i], Hinv[i, i:])
+        Hinv -= torch.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
+    if not quantized:
+        return PlainSparse(Q.float(), None, None, None, mask)
+    return PlainSparse(Q.float(), codes, torch.stack(scales).float(), torch.stack(zeros).float(), mask)

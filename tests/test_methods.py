@@ -13,7 +13,7 @@ import streamq
 from streamq.cli import main
 from streamq.config import NEUTRAL, QuantConfig
 from streamq.errors import StreamqError
-from streamq.methods import REGISTRY, Method, get_method, register
+from streamq.methods import REGISTRY, Method, get_method, names, register
 from streamq.methods import QuantResult
 from tests.conftest import make_tiny_model
 
@@ -84,9 +84,9 @@ def test_a_flag_the_method_does_not_read_is_refused(method, field, value):
 
 
 def test_every_field_is_declared_by_some_method_and_neutral_values_pass():
-    declared = {f for m in ("gptq", "rtn", "autoround", "spqr") for f in get_method(m).fields}
+    declared = {f for m in names() for f in get_method(m).fields}
     assert declared | {"sym"} == set(NEUTRAL)
-    for name in ("gptq", "rtn", "autoround", "spqr"):  # setting a field to its neutral value is not an error
+    for name in names():  # setting a field to its neutral value is not an error
         QuantConfig(method=name, **{f: v for f, v in NEUTRAL.items() if f not in get_method(name).fields
                                     and f != "sym"})
     assert math.isinf(NEUTRAL["outlier_threshold"])
