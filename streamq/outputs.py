@@ -11,7 +11,7 @@ from streamq.formats import default_layout
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import TensorSpec, Unit
-from streamq.quant.actquant import scale_specs
+from streamq.quant.actquant import scale_names, scale_specs
 from streamq.quant.grid import check_group_size
 
 
@@ -90,4 +90,6 @@ def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None
             stem = f"{layout.block_prefix(i)}{name}."
             shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
             packed[stem + "weight"] = [stem + k for k in shapes]
+        for name, target in scale_names(layout.block_linears(i), cfg).items():  # a scale stands with its Linear
+            packed[f"{layout.block_prefix(i)}{target.split(':', 1)[1]}.weight"].append(layout.block_prefix(i) + name)
     return {name: packed.get(name, [name]) for name in ckpt.names()}
