@@ -99,6 +99,13 @@ class QuantConfig:
     rows sharing one second-level scale/zero; outlier_threshold: tau, a weight whose Hessian-weighted squared
     error exceeds tau * the layer's mean sensitivity is kept in fp16 (inf = no outliers); simplified_outliers:
     fit each group's grid on all its weights instead of leaving likely outliers out (faster, usually worse).
+
+    Every method (quant/smooth.py, quant/actquant.py): smooth_alpha: SmoothQuant's migration strength in [0, 1]
+    (None = no smoothing), folded into each norm and the Linears reading it before the weight method runs;
+    act_bits: 8 = int8 activations (W8A8; needs bits 8, group_size -1, sym), None = 16-bit; act_dynamic: per-token
+    scales computed at run time, False = static per-tensor scales calibrated on the calibration data; kv_cache:
+    None | "int8" | "fp8", per-layer k/v scales calibrated on the k/v projections' outputs. RTN stays data-free
+    unless smoothing, static scales or a KV cache ask for calibration activations (`calibrated`).
     """
 
     method: str = "gptq"

@@ -87,6 +87,18 @@ def test_fold_leaves_fp_block_output_unchanged(arch, tmp_path):
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_norms_that_do_not_fold_are_left_alone(tmp_path):
+    """Gemma's norms compute (1 + w) * x: dividing w by s is not a fold, so the check undoes it and warns."""
+    src = make_tiny_model(tmp_path / "g", "gemma2", n_layers=1, shards=1, vary_1d=True)
+    _, layers, _, inputs, kws = load_with_block0_inputs(src, windows(src))
+    block, kw = layers[0], kws[0]
+    assert {m.norm for m in find_mappings(block, inputs[0], kw)} == {"input_layernorm", "pre_feedforward_layernorm"}
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    with pytest.warns(UserWarning, match="left unsmoothed"):
+        assert smooth_block(block, lambda: iter(inputs), kw, 0.5, CPU) == {}
+    assert all(torch.equal(p, before[n]) for n, p in block.named_parameters())
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.8])
 def test_smoothing_scales_follow_the_reference_formula(alpha, tmp_path):
     src = make_outlier_model(tmp_path / "m")
