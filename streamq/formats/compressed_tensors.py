@@ -194,6 +194,9 @@ def activation_fields(inputs: dict | None, kv_cache: dict | None) -> dict:
     """QuantConfig's act_bits / act_dynamic / kv_cache from the config's input_activations / kv_cache_scheme;
     a scheme streamq does not run is refused in one line."""
     fields = {}
+    for name, value in (("input_activations", inputs), ("kv_cache_scheme", kv_cache)):
+        if value is not None and not isinstance(value, dict):
+            raise StreamqError(f"compressed-tensors {name} is {value!r}, not a QuantizationArgs object")
     if inputs:
         if inputs.get("num_bits") != 8 or inputs.get("type", "int") != "int" or not inputs.get("symmetric", True) \
                 or inputs.get("strategy") not in ("token", "tensor"):
