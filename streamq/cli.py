@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--act-dynamic", action=argparse.BooleanOptionalAction, default=None,
                     help="per-token dynamic activation scales; --no-act-dynamic: static per-tensor scales "
                     "calibrated on the calibration data (default: dynamic)")
-    sq.add_argument("--kv-cache", default=None, choices=["int8", "fp8"],
-                    help="calibrate per-layer k/v cache scales from the k/v projections' outputs "
+    sq.add_argument("--kv-cache", default=None,
+                    help="int8 | fp8: calibrate per-layer k/v cache scales from the k/v projections' outputs "
                     "(--format compressed-tensors; default: 16-bit cache)")
     _add_compute_flags(c, offload_default=None)
     c.add_argument("--format", dest="formats", default=None,

@@ -105,6 +105,12 @@ class QuantConfig:
     SparseGPT only: sparsity: fraction of each Linear's weights pruned, in [0, 1) (default 0.5, N/M with an
     N:M mask); mask_structure: "0:0" unstructured, "N:M" N zeros in every M consecutive input columns; bits 16
     prunes without quantizing (dense fp16 weights).
+    Every method (quant/smooth.py, quant/actquant.py): smooth_alpha: SmoothQuant's migration strength in [0, 1]
+    (None = no smoothing), folded into each norm and the Linears reading it before the weight method runs;
+    act_bits: 8 = int8 activations (W8A8; needs bits 8, group_size -1, sym), None = 16-bit; act_dynamic: per-token
+    scales computed at run time, False = static per-tensor scales calibrated on the calibration data; kv_cache:
+    None | "int8" | "fp8", per-layer k/v scales calibrated on the k/v projections' outputs. RTN stays data-free
+    unless smoothing, static scales or a KV cache ask for calibration activations (`calibrated`).
     """
 
     method: str = "gptq"

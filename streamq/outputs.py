@@ -12,7 +12,7 @@ from streamq.ignore import ignored_in_block, quantized_head, quantized_linears
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import TensorSpec, Unit
-from streamq.quant.actquant import scale_specs
+from streamq.quant.actquant import scale_names, scale_specs
 from streamq.quant.grid import check_group_size
 
 
@@ -100,6 +100,10 @@ def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None
             stem = f"{layout.block_prefix(i)}{name}."
             shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
             packed[stem + "weight"] = [stem + k for k in shapes]
+        skip = ignored_in_block(layout, i, cfg)
+        for name, target in scale_names(layout.block_linears(i), cfg, skip=skip).items():
+            stem = f"{layout.block_prefix(i)}{target.split(':', 1)[1]}.weight"  # a scale stands with its Linear
+            packed.setdefault(stem, [stem]).append(layout.block_prefix(i) + name)
     head = quantized_head(layout, cfg)
     if head is not None:
         shapes = fmt.linear_shapes(head[1].out_features, head[1].in_features, cfg)

@@ -11,6 +11,12 @@ Dequantized: W[r, c] = weight_scale[r, c // gs] * ((q[r, c] - o) - (z[r, c // gs
 scale * (q - z) exactly. Symmetric grids (the GPTQ one and the full-range one) have z = o: no zero point.
 There is no g_idx: compressed-tensors 0.20 dropped group act-order, so act-order is stored only with static
 groups (columns quantized in Hessian order, groups in column order: `actorder: static`).
+
+W8A8 (cfg.act_bits 8: int8 symmetric per-channel weights with int8 activations) is written in the `int-quantized`
+layout instead, the one vLLM's W8A8 int8 kernels and compressed-tensors read for activation quantization:
+  <name>.weight             int8  [out, in]             the signed codes q - 128
+  <name>.weight_scale       fp16  [out, 1]
+plus the activation scales of streamq/quant/actquant.py (`input_scale`, `k_scale` / `v_scale`).
 """
 from __future__ import annotations
 
@@ -51,8 +57,15 @@ def _groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else in_features // group_size
 
 
+def int_quantized(cfg) -> bool:
+    """Whether cfg is written in the int-quantized layout (W8A8) rather than pack-quantized."""
+    return cfg.act_bits is not None
+
+
 def linear_shapes(out_features: int, in_features: int, cfg, n_outliers: int = 0) -> dict:
     G = _groups(in_features, cfg.group_size)
+    if int_quantized(cfg):
+        return {"weight_scale": ((out_features, G), torch.float16), "weight": ((out_features, in_features), torch.int8)}
     shapes = {
         "weight_packed": ((out_features, -(-in_features * cfg.bits // 32)), torch.int32),
         "weight_scale": ((out_features, G), torch.float16),
@@ -64,6 +77,8 @@ def linear_shapes(out_features: int, in_features: int, cfg, n_outliers: int = 0)
 
 
 def tensor_names(cfg) -> tuple[str, ...]:
+    if int_quantized(cfg):  # weight_scale first: it marks a quantized Linear (every Linear has a .weight)
+        return ("weight_scale", "weight")
     return ("weight_packed", "weight_scale", "weight_shape") + (() if cfg.sym else ("weight_zero_point",))
 
 
@@ -79,6 +94,9 @@ def pack(result: QuantResult, cfg) -> dict[str, Tensor]:
     scales = result.scales.half()
     if not torch.equal(scales.float(), result.scales.float()):
         raise StreamqError("scales are not fp16-representable; the checkpoint would not reproduce the weights")
+    if int_quantized(cfg):
+        return {"weight_scale": scales.t().contiguous().cpu(),
+                "weight": (result.codes.to(torch.int32) - offset).to(torch.int8).cpu()}
     tensors = {
         "weight_packed": pack_to_int32((result.codes.to(torch.int32) - offset).to(torch.int8).cpu(), cfg.bits),
         "weight_scale": scales.t().contiguous().cpu(),
@@ -95,11 +113,16 @@ def pack(result: QuantResult, cfg) -> dict[str, Tensor]:
 
 def unpack(tensors: dict[str, Tensor], cfg) -> GPTQTensors:
     """The tensors above -> codes [out, in] int32 in [0, 2^b), scales [G, out] fp32, zeros [G, out], g_idx."""
-    _, unpack_from_int32 = _library()
-    out_features, in_features = (int(v) for v in tensors["weight_shape"])
     scale = tensors["weight_scale"]
     G = scale.shape[1]
     offset = 1 << (cfg.bits - 1)
+    if int_quantized(cfg):
+        out_features, in_features = tensors["weight"].shape
+        zeros = torch.full((G, out_features), offset, dtype=torch.int32, device=scale.device)
+        g_idx = (torch.arange(in_features, device=scale.device) // (in_features // G)).to(torch.int32)
+        return GPTQTensors(tensors["weight"].to(torch.int32) + offset, scale.t().float().contiguous(), zeros, g_idx)
+    _, unpack_from_int32 = _library()
+    out_features, in_features = (int(v) for v in tensors["weight_shape"])
     codes = unpack_from_int32(tensors["weight_packed"], cfg.bits, torch.Size((out_features, in_features)))
     if cfg.sym:
         zeros = torch.full((G, out_features), offset, dtype=torch.int32, device=scale.device)
@@ -125,7 +148,8 @@ def quantization_config(cfg, quantizer: str) -> dict:
                             actorder="static" if cfg.act_order else None, scale_dtype=torch.float16)
     inputs, kv_cache = activation_args(cfg)
     scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs)
-    config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+    config = QuantizationConfig(config_groups={"group_0": scheme},
+                                format="int-quantized" if int_quantized(cfg) else "pack-quantized",
                                 quantization_status="compressed", kv_cache_scheme=kv_cache,
                                 ignore=[*cfg.ignore, *([] if cfg.quant_lm_head else ["lm_head"])])  # left dense
     q = config.model_dump(mode="json")
@@ -146,8 +170,10 @@ def config_from(q: dict):
     from streamq.config import QuantConfig
 
     groups = list((q.get("config_groups") or {}).values())
-    if len(groups) != 1 or q.get("format") != "pack-quantized" or not (groups[0].get("weights") or {}):
-        raise StreamqError("streamq reads compressed-tensors folders with one pack-quantized weight group")
+    if len(groups) != 1 or q.get("format") not in ("pack-quantized", "int-quantized") \
+            or not (groups[0].get("weights") or {}):
+        raise StreamqError("streamq reads compressed-tensors folders with one pack-quantized or int-quantized "
+                           "weight group")
     w = groups[0]["weights"]
     act_order = w.get("actorder") is not None
     ignore = q.get("ignore") or []
@@ -178,6 +204,9 @@ def activation_fields(inputs: dict | None, kv_cache: dict | None) -> dict:
     """QuantConfig's act_bits / act_dynamic / kv_cache from the config's input_activations / kv_cache_scheme;
     a scheme streamq does not run is refused in one line."""
     fields = {}
+    for name, value in (("input_activations", inputs), ("kv_cache_scheme", kv_cache)):
+        if value is not None and not isinstance(value, dict):
+            raise StreamqError(f"compressed-tensors {name} is {value!r}, not a QuantizationArgs object")
     if inputs:
         if inputs.get("num_bits") != 8 or inputs.get("type", "int") != "int" or not inputs.get("symmetric", True) \
                 or inputs.get("strategy") not in ("token", "tensor"):
@@ -194,6 +223,8 @@ def activation_fields(inputs: dict | None, kv_cache: dict | None) -> dict:
 
 
 def linear_module(in_features: int, out_features: int, cfg, bias: bool, device=None, dtype=None):
+    if int_quantized(cfg):  # the checkpoint serves <name>.weight dequantized (io/checkpoint.py): a plain Linear
+        return torch.nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
     return PackedQuantizedLinear(in_features, out_features, cfg, bias, device=device, dtype=dtype)
 
 

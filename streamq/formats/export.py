@@ -94,7 +94,7 @@ def convert_layout(ckpt: Checkpoint, source, target, cfg: QuantConfig, out: Path
                 tensors[name] = ckpt.get(name)
             elif stem not in done:
                 done.add(stem)
-                parts = {k: ckpt.get(stem + k) for k in source.tensor_names(src_cfg)}
+                parts = {k: ckpt.read(stem + k) for k in source.tensor_names(src_cfg)}
                 for k, t in repack(parts, source, target, cfg).items():
                     tensors[stem + k] = t
         save_file(tensors, str(out / file.name), metadata={"format": "pt"})

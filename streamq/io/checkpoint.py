@@ -172,11 +172,17 @@ class Checkpoint:
         """
         info = self.tensors.get(name)
         stem = name.removesuffix("weight")
-        if info is None and self.quant_format is not None:
+        # compressed-tensors' int-quantized layout (W8A8) keeps the int8 codes under the weight's own name
+        if (info is None or info.dtype == "I8") and self.quant_format is not None:
             fmt, cfg = self.quant_format
             names = fmt.tensor_names(cfg)
             if stem + names[0] in self.tensors:
-                return fmt.dequantize({k: self.get(stem + k) for k in names}, cfg).to(device)
+                return fmt.dequantize({k: self.read(stem + k) for k in names}, cfg).to(device)
+        return self.read(name, device)
+
+    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor as stored (never dequantized), checked finite."""
+        info = self.tensors.get(name)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
         try:
@@ -303,7 +309,8 @@ def check_against_config(ckpt: Checkpoint, layout) -> None:
         head, lin = quantized_head(layout, ckpt.quant_format[1])
         linears[head + ".weight"] = lin
     for name, p in layout.model.named_parameters():
-        if name in linears and name not in ckpt.tensors and ckpt.quant_format is not None:
+        stored = ckpt.tensors.get(name)
+        if name in linears and (stored is None or stored.dtype == "I8") and ckpt.quant_format is not None:
             _check_packed(ckpt, name.removesuffix("weight"), linears[name], where)
         elif name not in ckpt.tensors:
             if name in tied and getattr(layout.config, "tie_word_embeddings", False):
