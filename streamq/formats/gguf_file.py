@@ -14,6 +14,7 @@ norm shift, hyperparameter keys) are in gguf_arch.py.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,31 @@ def ggml_blocks(t: GPTQTensors, cfg) -> np.ndarray:
             parts.append(m.view(torch.uint8).reshape(out_features, -1, 2))
         parts.append((codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8))
     return torch.cat(parts, dim=2).reshape(out_features, -1).numpy()
+
+
+def planned_bytes(layout, ckpt, cfg, head_type: str = "q8_0") -> int:
+    """Tensor data bytes of the GGUF file export() will write (no header or vocabulary), from the model's
+    layout before any block runs: quantized Linears in quant_type(cfg) blocks, 2-D non-block tensors as the
+    head type, everything else F32."""
+    import gguf
+
+    block, nbytes = gguf.GGML_QUANT_SIZES[quant_type(cfg)]
+    q8_block, q8_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+    total, linears = 0, set()
+    for i in range(layout.n_blocks):
+        for name, lin in layout.block_linears(i).items():
+            linears.add(f"{layout.block_prefix(i)}{name}.weight")
+            total += lin.out_features * lin.in_features // block * nbytes
+    for name in ckpt.names():
+        if name in linears:
+            continue
+        shape = ckpt.tensors[name].shape
+        n = math.prod(shape)
+        if len(shape) == 2 and not name.startswith(layout.layers_prefix) and head_type != "f32":
+            total += n // q8_block * q8_bytes if head_type == "q8_0" and shape[-1] % 32 == 0 else 2 * n
+        else:
+            total += 4 * n
+    return total
 
 
 def permute_rows(t: GPTQTensors, perm: torch.Tensor) -> GPTQTensors:
