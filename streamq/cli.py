@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="a finished streamq output folder")
     x.add_argument("--format", required=True, help="the format to write (required): gptq | compressed-tensors | gguf")
     x.add_argument("--to", default=None, help="destination folder (default: OUT/<format>)")
-    x.add_argument("--head-type", default="q8_0", choices=["q8_0", "f16"],
+    x.add_argument("--head-type", default="q8_0", choices=["q8_0", "f16", "f32"],
                    help="gguf: type of the embeddings and output head (default q8_0)")
     _add_debug_flag(x)
 

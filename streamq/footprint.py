@@ -96,9 +96,15 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
     embed = [decoder + n for n, _ in layout.decoder.named_parameters()
              if not n.startswith(layers) and decoder + n in ckpt.tensors]
     rest = non_block_names(layout, ckpt)
-    writer = ShardWriter(Path("."), plan_shards(plan_units(layout, ckpt, cfg), opts.shard_size))  # no IO
+    from streamq.formats import get_format, resolve_formats
+    from streamq.formats.export import planned_bytes
+
+    layout_format, exports = resolve_formats(cfg, opts.formats)  # OUT's shards in their own format's shapes
+    units = plan_units(layout, ckpt, cfg, fmt=get_format(layout_format))
+    writer = ShardWriter(Path("."), plan_shards(units, opts.shard_size))  # no IO
     output = writer.total_size() + sum(len(h) for h in writer.headers if h is not None)
     output += sum((ckpt.folder / n).stat().st_size for n in TOKENIZER_FILES if (ckpt.folder / n).exists())
+    output += sum(planned_bytes(layout, ckpt, cfg, name, opts.shard_size) for name in exports)  # OUT/<format>/
     return {
         "c": c, "hidden": hidden, "inter": inter, "blocks": blocks,
         "embed_bytes": sum(map(in_compute, embed)),

@@ -156,3 +156,20 @@ def test_planned_cpu_blocks_run_on_the_cpu(model, tmp_path, monkeypatch):
     pipeline.compress(model, tmp_path / "out", QuantConfig(group_size=32), RunOptions(
         nsamples=2, seqlen=16, progress=False, cpu_blocks=(1,), calib=str(model / "calib.txt")))
     assert devices == [torch.device("cpu", 0), torch.device("cpu")]
+
+
+@pytest.mark.parametrize("formats", ["compressed-tensors", "gptq,compressed-tensors", "compressed-tensors,gguf"])
+def test_output_sized_in_the_formats_written(model, tmp_path, formats):
+    """The planned output is OUT's shards in their own layout format's shapes (compressed-tensors' weight_packed
+    / weight_scale / weight_shape, not GPTQ's): exactly; plus every OUT/<format>/ export: to its file headers
+    (an exported layout's safetensors header is save_file's; a GGUF's header and vocabulary come on top of its
+    planned tensor data)."""
+    p = streamq.plan(model, method="rtn", bits=4, group_size=32, formats=formats, benchmark=False)
+    out = streamq.compress(model, tmp_path / "out", method="rtn", bits=4, group_size=32, formats=formats,
+                           progress=False)
+    files = [f for f in out.rglob("*") if f.suffix in (".safetensors", ".gguf") or f.name in TOKENIZER_FILES]
+    written = sum(f.stat().st_size for f in files)
+    if "," not in formats:
+        assert p.output_bytes == written
+    exported = [f for f in files if f.parent != out and f.suffix in (".safetensors", ".gguf")]
+    assert p.output_bytes <= written <= p.output_bytes + 16 * 1024 * len(exported), (p.output_bytes, written)

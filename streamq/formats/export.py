@@ -74,6 +74,20 @@ def export(src: str | Path, name: str, dst: str | Path, **options) -> Path:
     return dst
 
 
+def planned_bytes(layout, ckpt: Checkpoint, cfg: QuantConfig, name: str, shard_size: int) -> int:
+    """Bytes format `name` will write for this model and cfg, before any block runs: a layout format's shards
+    (headers included, as the shard writer plans them) plus the copied tokenizer files; GGUF: its tensor data
+    (llama.cpp's block sizes; the header and vocabulary come on top) plus the tokenizer files."""
+    from streamq.io.writer import ShardWriter, plan_shards
+    from streamq.outputs import plan_units
+
+    tokenizer = sum((ckpt.folder / n).stat().st_size for n in TOKENIZER_FILES if (ckpt.folder / n).exists())
+    if name in LAYOUTS:
+        writer = ShardWriter(Path("."), plan_shards(plan_units(layout, ckpt, cfg, fmt=get_format(name)), shard_size))
+        return writer.total_size() + sum(len(h) for h in writer.headers if h is not None) + tokenizer
+    return get_format(name).planned_bytes(layout, ckpt, cfg) + tokenizer
+
+
 def quantized_stems(ckpt: Checkpoint, source) -> list[str]:
     """Names "<linear>." of the quantized Linears of a folder in layout format `source`."""
     first = source.tensor_names(ckpt.quant_format[1])[0]
