@@ -134,6 +134,7 @@ def test_ignored_linears_are_left_out_of_smoothing_and_activation_quantization(s
                            source["model.layers.1.input_layernorm.weight"])  # smoothed where nothing is ignored
     assert "model.layers.0.self_attn.q_proj.input_scale" not in output
     assert "model.layers.0.self_attn.k_proj.input_scale" in output
+    assert verify(out) == []
     with torch.no_grad():
         assert torch.isfinite(streamq.load(out)(torch.randint(0, 100, (1, 8))).logits).all()
 

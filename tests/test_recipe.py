@@ -13,7 +13,9 @@ from safetensors import safe_open
 import streamq
 from streamq.cli import main
 from streamq.errors import StreamqError
+from streamq.quant.rtn import rtn_quantize
 from streamq.recipe import merge_flags, read_recipe
+from streamq.verify import verify
 from tests.conftest import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,17 +120,22 @@ def test_obcq_tutorial_recipe_runs_end_to_end_and_writes_what_its_flags_write(tm
     assert config == json.loads((tmp_path / "f" / "config.json").read_text())["quantization_config"]
     assert config["ignore"] == ["model.layers.1.mlp.down_proj"]  # lm_head quantized, as the recipe says
     assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is False
+    assert verify(tmp_path / "r") == []
     source = read_all(src)
     ignored = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(by_recipe[ignored], source[ignored])
     assert "model.layers.1.mlp.down_proj.input_scale" not in by_recipe  # ignored: fp inputs, no static scale
     assert "model.layers.0.mlp.down_proj.input_scale" in by_recipe
     model = streamq.load(tmp_path / "r")
-    for i in range(2):
-        for name, m in model.model.layers[i].named_modules():
-            if hasattr(m, "dequantized_weight"):  # pruned 50% and quantized
-                assert (m.dequantized_weight() == 0).float().mean().item() >= 0.5, (i, name)
-    assert hasattr(model.lm_head, "dequantized_weight")
+    weight = lambda m: m.dequantized_weight() if hasattr(m, "dequantized_weight") else m.weight  # noqa: E731
+    linears = {f"model.layers.{i}.{n}": m for i in range(2) for n, m in model.model.layers[i].named_modules()
+               if n.endswith("_proj")}
+    assert len(linears) == 14
+    for name, m in linears.items():  # pruned 50% (and int8-quantized), but the ignored one
+        zeros = (weight(m) == 0).float().mean().item()
+        assert zeros < 0.01 if name + ".weight" == ignored else zeros >= 0.5, (name, zeros)
+    head = rtn_quantize(source["lm_head.weight"].float(), streamq.QuantConfig(method="rtn", bits=8, group_size=-1))
+    torch.testing.assert_close(weight(model.lm_head).float(), head.weight, rtol=0, atol=1e-6)  # RTN on w8's grid
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, model.config.vocab_size, (1, 12))).logits).all()
 
