@@ -123,6 +123,9 @@ class QuantConfig:
     qq_groupsize: int = UNSET
     outlier_threshold: float = UNSET
     simplified_outliers: bool = UNSET
+    # MoE (streamq/moe.py): a routed expert's Linear that calibration sends fewer tokens than this is solved
+    # with an identity Hessian (= round-to-nearest on the method's grid), with a warning naming it
+    moe_min_tokens: int = 16
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -151,6 +154,8 @@ class QuantConfig:
             raise StreamqError(f"--grad-accum {self.grad_accum}: must be positive")
         if self.seed < 0:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
+        if self.moe_min_tokens < 0:
+            raise StreamqError(f"--moe-min-tokens {self.moe_min_tokens}: must be non-negative")
         if method.check is not None:
             method.check(self)
 

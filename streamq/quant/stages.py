@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from streamq.calib.capture import run_block
+from streamq.moe import parallel_key
 
 # Most bytes of block intermediates kept between passes, all samples together (footprint.py counts them): at
 # SmolLM2-135M width (32 x 512 tokens) everything fits (~140 MB fp32); at 7B width (128 x 2048, bf16) the
@@ -43,6 +44,7 @@ class Trace:
     out_bytes: dict[str, int]  # bytes of the tensors a module returns, per sample
     in_bytes: dict[str, int]  # Linear -> bytes of its input, per sample
     n_events: int = 0
+    parallel: dict[str, str] = field(default_factory=dict)  # MoE expert Linear -> its key (streamq/moe.py)
 
 
 @torch.no_grad()
@@ -90,6 +92,7 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
         if name not in by_input.setdefault(id(inputs[name]), []):
             by_input[id(inputs[name])].append(name)
     t.groups = list(by_input.values())
+    t.parallel = {n: k for n in t.linears if (k := parallel_key(n, block)) is not None}
     return t
 
 
@@ -108,7 +111,7 @@ class Plan:
 def plan(t: Trace, true_sequential: bool, budget: int | None) -> Plan:
     """Choose what to keep so each part of the block runs as few times as possible within budget bytes per
     sample (None: no limit); a module called more than once, or a block whose Linears are, is never replayed."""
-    passes = [[g] for g in t.groups] if true_sequential else [t.groups]
+    passes = sequential_passes(t) if true_sequential else [t.groups]
     stops = [max(t.start[g[0]] for g in p) for p in passes] + [t.n_events]
     if any(t.calls[n] != 1 for n in t.linears):
         return Plan(passes, stops, replay=[[] for _ in stops])
@@ -120,6 +123,19 @@ def plan(t: Trace, true_sequential: bool, budget: int | None) -> Plan:
             return p
         kept = list(p.record) + list(p.build)
         forbidden.add(max(kept, key=lambda m: t.out_bytes[m] + (t.in_bytes[t.tails[m]] if m in p.build else 0)))
+
+
+def sequential_passes(t: Trace) -> list[list[list[str]]]:
+    """One pass per input group, except that consecutive groups of routed experts with one key (every expert's
+    gate/up, then every expert's down) share a pass: their inputs do not depend on each other."""
+    passes: list[list[list[str]]] = []
+    for g in t.groups:
+        key = t.parallel.get(g[0])
+        if key is not None and passes and t.parallel.get(passes[-1][-1][0]) == key:
+            passes[-1].append(g)
+        else:
+            passes.append([g])
+    return passes
 
 
 def _simulate(t: Trace, passes, stops, forbidden: set[str]) -> Plan:
