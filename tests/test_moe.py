@@ -17,7 +17,9 @@ from streamq.calib.data import calibration_windows
 from streamq.errors import StreamqError
 from streamq.io.blocks import build_layout, load_block
 from streamq.io.checkpoint import Checkpoint
+from streamq.footprint import hessian_groups
 from streamq.moe import RoutedExperts
+from streamq.quant.stages import sequential_passes
 from tests.conftest import MOE_ARCHITECTURES, make_tiny_model, output_snapshot, run_interrupted
 from tests.reference import MOE, reference_quantize_moe
 from tests.test_pipeline import assert_matches_reference
@@ -145,8 +147,9 @@ def test_expert_groups_share_two_hessian_passes(built, tmp_path, monkeypatch):
     """Every expert's gate/up is one Hessian pass, every expert's down the next (not two passes per expert)."""
     import streamq.quant.block as qblock
 
-    passes, real = [], qblock.plan
-    monkeypatch.setattr(qblock, "plan", lambda t, *a: passes.append(real(t, *a).passes) or real(t, *a))
+    passes, traces, real = [], [], qblock.plan
+    monkeypatch.setattr(qblock, "plan", lambda t, *a: traces.append(t) or passes.append(real(t, *a).passes)
+                        or real(t, *a))
     src = built[0]("mixtral")
     streamq.compress(src, tmp_path / "o", calib=str(src / "calib.txt"), nsamples=1, seqlen=SEQ, progress=False,
                      **GPTQ)
@@ -154,6 +157,13 @@ def test_expert_groups_share_two_hessian_passes(built, tmp_path, monkeypatch):
     assert flat == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                     [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w3")],
                     [f"mlp.experts.{e}.w2" for e in range(4)]]
+    # within a Hessian budget of two experts' gate/up (fp32 [64, 64] each) and three downs ([32, 32])
+    capped = [[n for g in p for n in g] for p in sequential_passes(traces[1], budget=2 * 4 * 64 ** 2)]
+    assert capped[2:] == [[f"mlp.experts.{e}.{p}" for e in es for p in ("w1", "w3")] for es in ((0, 1), (2, 3))] \
+        + [[f"mlp.experts.{e}.w2" for e in range(4)]]
+    # the planner counts the same passes (at most the budget of Hessians in one)
+    groups = hessian_groups({n: (32, 64) if n.endswith(("w1", "w3")) else (64, 32) for g in flat[2:] for n in g}, True)
+    assert groups == flat[2:]
 
 
 def test_interrupted_resumes_byte_identical(built, one_thread, tmp_path, monkeypatch):

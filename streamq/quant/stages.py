@@ -28,6 +28,10 @@ from streamq.moe import parallel_key
 # SmolLM2-135M width (32 x 512 tokens) everything fits (~140 MB fp32); at 7B width (128 x 2048, bf16) the
 # attention output is kept and the MLP recomputed in the output pass.
 KEEP_BYTES = 1 << 30
+# Most bytes of routed experts' Hessians collected in one pass (fp32 [in, in] each; footprint.py counts them):
+# at Mixtral width all 8 experts' gate/up share a pass (8 x 64 MB); at DeepSeek-V3 width (256 experts, 7168
+# wide) 5 experts' gate/up do, so the block runs 52 + 4 expert passes instead of holding 52 GB of Hessians.
+EXPERT_PASS_BYTES = 1 << 30
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Trace:
     tail_len: dict[str, int]  # module -> length of the tuple it returns (0: a bare tensor)
     out_bytes: dict[str, int]  # bytes of the tensors a module returns, per sample
     in_bytes: dict[str, int]  # Linear -> bytes of its input, per sample
+    in_features: dict[str, int] = field(default_factory=dict)  # Linear -> in_features (its Hessian's side)
     n_events: int = 0
     parallel: dict[str, str] = field(default_factory=dict)  # MoE expert Linear -> its key (streamq/moe.py)
 
@@ -60,6 +65,7 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
         order.append(name)
         if isinstance(module, nn.Linear):
             t.linears.append(name)
+            t.in_features[name] = module.in_features
             inputs[name] = args[0]
             t.in_bytes[name] = args[0].numel() * args[0].element_size()
 
@@ -125,16 +131,20 @@ def plan(t: Trace, true_sequential: bool, budget: int | None) -> Plan:
         forbidden.add(max(kept, key=lambda m: t.out_bytes[m] + (t.in_bytes[t.tails[m]] if m in p.build else 0)))
 
 
-def sequential_passes(t: Trace) -> list[list[list[str]]]:
-    """One pass per input group, except that consecutive groups of routed experts with one key (every expert's
-    gate/up, then every expert's down) share a pass: their inputs do not depend on each other."""
+def sequential_passes(t: Trace, budget: int = EXPERT_PASS_BYTES) -> list[list[list[str]]]:
+    """One pass per input group, except that consecutive groups of routed experts with one key (the experts'
+    gate/up, then their downs) share a pass, as many as have Hessians within budget bytes: their inputs do
+    not depend on each other."""
     passes: list[list[list[str]]] = []
+    held = 0
     for g in t.groups:
-        key = t.parallel.get(g[0])
-        if key is not None and passes and t.parallel.get(passes[-1][-1][0]) == key:
+        key, h = t.parallel.get(g[0]), 4 * t.in_features[g[0]] ** 2
+        if key is not None and passes and t.parallel.get(passes[-1][-1][0]) == key and held + h <= budget:
             passes[-1].append(g)
+            held += h
         else:
             passes.append([g])
+            held = h
     return passes
 
 
