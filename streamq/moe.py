@@ -49,7 +49,11 @@ class RoutedExperts(nn.Module):
         out = torch.zeros_like(hidden_states)
         routed, mids = [], []
         for e in range(self.n_experts):
-            token, slot = torch.where(top_k_index == e)
+            if top_k_index.is_meta:  # traced on the meta device (streamq inspect): no routing, every token
+                token = torch.arange(top_k_index.shape[0], device="meta")
+                slot = torch.zeros_like(token)
+            else:
+                token, slot = torch.where(top_k_index == e)
             expert = self._modules[str(e)]
             x = hidden_states[token]
             mids.append(self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x))

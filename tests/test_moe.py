@@ -205,3 +205,20 @@ def test_unsupported_experts_layout_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(moe, "_check_layout", transposed)
     with pytest.raises(StreamqError, match="unsupported MoE experts layout MixtralExperts .*is_transposed=True"):
         build_layout(Checkpoint(src))
+
+
+def test_inspect_lists_experts_and_compressed_tensors_export_loads(built, one_thread, tmp_path):
+    """`streamq inspect` traces an MoE block on the meta device (no routing there) and lists every expert's
+    Linears in their passes; the GPTQ folder exported to compressed-tensors loads to the same logits."""
+    from streamq.formats.export import export
+    from streamq.inspect import inspect_model
+
+    src, out = built[0]("mixtral"), built[1]("mixtral")
+    report = inspect_model(src)
+    names = [lin["name"] for group in report["blocks"][0] for lin in group]
+    assert {f"mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w2", "w3")} <= set(names)
+    ct = export(out, "compressed-tensors", tmp_path / "ct")
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(streamq.load(ct)(ids).logits, streamq.load(out)(ids).logits)
+    assert any(".block_sparse_moe.experts.3.w2." in n for n in Checkpoint(ct).tensors)
