@@ -126,6 +126,7 @@ class QuantConfig:
     # MoE (streamq/moe.py): a routed expert's Linear that calibration sends fewer tokens than this is solved
     # with an identity Hessian (= round-to-nearest on the method's grid), with a warning naming it
     moe_min_tokens: int = 16
+    moe_all_tokens: bool = False  # calibration sends every token through every expert (outputs stay the model's)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)

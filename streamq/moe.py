@@ -14,6 +14,8 @@ one-line error.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -37,6 +39,7 @@ class RoutedExperts(nn.Module):
         self.names = names  # (gate, up, down) Linear names inside each expert, e.g. ("w1", "w3", "w2")
         self.n_experts = n_experts
         self.act_fn = act_fn
+        self.all_tokens = False  # calibration mode (see all_tokens below): every expert also sees every token
         for e in range(n_experts):
             expert = nn.Module()
             for name, (out_f, in_f) in zip(names, ((inter, hidden), (inter, hidden), (hidden, inter))):
@@ -55,13 +58,29 @@ class RoutedExperts(nn.Module):
             else:
                 token, slot = torch.where(top_k_index == e)
             expert = self._modules[str(e)]
-            x = hidden_states[token]
+            x = hidden_states if self.all_tokens else hidden_states[token]
             mids.append(self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x))
             routed.append((token, slot))
         for e, (token, slot) in enumerate(routed):
-            y = getattr(self._modules[str(e)], down)(mids[e]) * top_k_weights[token, slot, None]
+            y = getattr(self._modules[str(e)], down)(mids[e])
+            y = (y[token] if self.all_tokens else y) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+
+@contextlib.contextmanager
+def all_tokens(block: nn.Module, on: bool = True):
+    """While it lasts, every routed expert of block computes on every token (its Linears' Hessians see them
+    all: llm-compressor's calibrate-all-experts option), its output still counting only the tokens routed to
+    it, so the block's outputs are those of the model."""
+    experts = [m for m in block.modules() if isinstance(m, RoutedExperts)] if on else []
+    for m in experts:
+        m.all_tokens = True
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.all_tokens = False
 
 
 def is_expert_linear(name: str, block: nn.Module) -> bool:

@@ -175,8 +175,8 @@ def reference_quantize_moe(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
     gate_up_proj / down_proj solved as a Linear with the Hessian of the tokens its router picked (captured at the
     experts module's input: hidden [tokens, hidden], top_k_index [tokens, k]); down_proj's inputs recomputed by
     hand, act(x Wg^T) * (x Wu^T), from the quantized gate/up rows. An expert with fewer than cfg.moe_min_tokens
-    tokens gets an identity Hessian. Returns (fake-quantized model, {checkpoint Linear name: QuantResult},
-    {checkpoint Linear name: routed tokens})."""
+    tokens gets an identity Hessian; with cfg.moe_all_tokens every expert's Hessian is over every token.
+    Returns (fake-quantized model, {checkpoint Linear name: QuantResult}, {checkpoint Linear name: tokens})."""
     model, layers, prefix, inputs, kws = load_with_block0_inputs(model_dir, tokens)
     attn, moe_name, moe_ckpt, (g, u, d), shared = MOE[model.config.model_type]
     results, counts = {}, {}
@@ -214,7 +214,8 @@ def reference_quantize_moe(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
         ex = moe.experts
         inter = ex.down_proj.shape[2]
         stem = f"{prefix}.{i}.{moe_ckpt}.experts"
-        xs = [[hid[(idx == e).any(-1)] for hid, idx in routed(layer, i, ex)] for e in range(ex.num_experts)]
+        xs = [[hid if cfg.moe_all_tokens else hid[(idx == e).any(-1)] for hid, idx in routed(layer, i, ex)]
+              for e in range(ex.num_experts)]
         for e in range(ex.num_experts):
             n_tok = sum(x.shape[0] for x in xs[e])
             H = ist_hessian(xs[e]) if n_tok >= cfg.moe_min_tokens else torch.eye(ex.gate_up_proj.shape[2])
@@ -222,7 +223,8 @@ def reference_quantize_moe(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
                 r = _solve(ex.gate_up_proj.data[e, part].clone(), H, cfg)
                 ex.gate_up_proj.data[e, part] = r.weight
                 results[f"{stem}.{e}.{name}"], counts[f"{stem}.{e}.{name}"] = r, n_tok
-        xs = [[hid[(idx == e).any(-1)] for hid, idx in routed(layer, i, ex)] for e in range(ex.num_experts)]
+        xs = [[hid if cfg.moe_all_tokens else hid[(idx == e).any(-1)] for hid, idx in routed(layer, i, ex)]
+              for e in range(ex.num_experts)]
         for e in range(ex.num_experts):
             mids = [ex.act_fn(x @ ex.gate_up_proj[e, :inter].t()) * (x @ ex.gate_up_proj[e, inter:].t()) for x in xs[e]]
             n_tok = sum(x.shape[0] for x in xs[e])

@@ -113,6 +113,17 @@ def test_min_tokens_experts_rounded_to_nearest_and_listed(built, one_thread, tmp
     assert warned == below and 0 < len(below) < len(counts)
 
 
+def test_all_tokens_calibration_equals_reference(built, one_thread, tmp_path):
+    """--moe-all-tokens: every expert's Hessian over every calibration token (the reference's too), reported
+    as such; block 0's outputs stay the model's (block 1, solved on them, still equals the reference)."""
+    src = built[0]("mixtral")
+    cfg = dict(GPTQ, moe_all_tokens=True)
+    out = compress(src, tmp_path / "all", **cfg)
+    _, ref, counts = reference(src, **cfg)
+    assert_matches_reference(out, ref, 4)
+    assert set(expert_tokens(out).values()) == {NS * SEQ} == set(counts.values())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rtn_streamed_equals_reference_and_loads_to_its_logits(built, one_thread, tmp_path, arch):
     src = built[0](arch)

@@ -19,6 +19,7 @@ from torch import nn
 from streamq.config import QuantConfig
 from streamq.forward import run_block
 from streamq.methods import QuantResult, get_method
+from streamq.moe import all_tokens
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.spqr import SpQRResult
 from streamq.quant.stages import Plan, Replay, Trace, clone_output, plan, swap, trace
@@ -148,6 +149,12 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
             for x in samples():
                 emit(run_block(block, x.to(device), kwargs))
         return results
+    with all_tokens(block, cfg.moe_all_tokens):
+        return _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules)
+
+
+def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules):
+    """quantize_block's true-sequential passes (MoE experts in the calibration mode cfg asks for)."""
     t = trace(block, next(iter(samples())).to(device), kwargs)
     p = plan(t, cfg.true_sequential, keep_bytes)
     kept = {m: [] for m in [*p.record, *p.build]}
