@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hessian), with a warning listing them (default 16)")
     c.add_argument("--moe-all-tokens", action="store_true", default=None,
                    help="MoE: every expert's Hessian from every calibration token, not only those routed to it "
-                   "(llm-compressor's calibrate-all-experts; the block outputs stay the model's)")
+                   "(llm-compressor's calibrate-all-experts; the block outputs stay the model's; default: off)")
     c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
                    "default: the shipped Jane Austen excerpt")
     c.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
