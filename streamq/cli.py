@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: Hessian dampening, fraction of mean diag (default 0.01)")
     c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None,
                    help="GPTQ: collect all Hessians of a block in one pass (default: per input group)")
+    c.add_argument("--moe-min-tokens", type=int, default=None,
+                   help="MoE: routed experts that calibration sends fewer tokens get round-to-nearest (an identity "
+                   "Hessian), with a warning listing them (default 16)")
+    c.add_argument("--moe-all-tokens", action="store_true", default=None,
+                   help="MoE: every expert's Hessian from every calibration token, not only those routed to it "
+                   "(llm-compressor's calibrate-all-experts; the block outputs stay the model's; default: off)")
     c.add_argument("--calib", default=None, help="calibration .txt/.jsonl/folder or spec 'a.jsonl:num=64,b.txt'; "
                    "default: the shipped Jane Austen excerpt")
     c.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")

@@ -148,6 +148,10 @@ class QuantConfig:
     act_bits: int | None = None
     act_dynamic: bool = True
     kv_cache: str | None = None
+    # MoE (streamq/moe.py): a routed expert's Linear that calibration sends fewer tokens than this is solved
+    # with an identity Hessian (= round-to-nearest on the method's grid), with a warning naming it
+    moe_min_tokens: int = 16
+    moe_all_tokens: bool = False  # calibration sends every token through every expert (outputs stay the model's)
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
@@ -182,6 +186,8 @@ class QuantConfig:
             raise StreamqError(f"--grad-accum {self.grad_accum}: must be positive")
         if self.seed < 0:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
+        if self.moe_min_tokens < 0:
+            raise StreamqError(f"--moe-min-tokens {self.moe_min_tokens}: must be non-negative")
         if method.check is not None:
             method.check(self)
         from streamq.quant.actquant import check_activation_fields

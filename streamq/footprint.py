@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from streamq.config import QuantConfig
+from streamq.quant.stages import EXPERT_PASS_BYTES
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
 from streamq.io.writer import ShardWriter, plan_shards
@@ -129,7 +130,36 @@ def hessian_groups(linears: dict[str, tuple[int, int]], true_sequential: bool) -
     groups: dict[tuple[str, int], list[str]] = {}
     for name, (_, inp) in linears.items():
         groups.setdefault((name.rpartition(".")[0], inp), []).append(name)
-    return list(groups.values())
+    return merge_expert_groups(list(groups.values()), linears)
+
+
+def merge_expert_groups(groups: list[list[str]], linears: dict[str, tuple[int, int]]) -> list[list[str]]:
+    """Routed experts' groups collected in one pass (quant/stages.py sequential_passes): the experts'
+    gate/up, then their downs, EXPERT_PASS_BYTES of Hessians at most per pass."""
+    merged, open_chunk = [], {}  # open_chunk: (role, in_features) -> (index in merged, bytes held)
+    for group in groups:
+        role, inp = expert_role(group[0]), linears[group[0]][1]
+        h = sum(linears[n][1] ** 2 * 4 for n in group)
+        if role is None:
+            merged.append(list(group))
+            continue
+        k, held = open_chunk.get((role, inp), (None, 0))
+        if k is not None and held + h <= EXPERT_PASS_BYTES:
+            merged[k] += group
+            open_chunk[(role, inp)] = (k, held + h)
+        else:
+            merged.append(list(group))
+            open_chunk[(role, inp)] = (len(merged) - 1, h)
+    return merged
+
+
+def expert_role(name: str) -> str | None:
+    """"mlp.experts.*.gate" for a routed expert's Linear (RoutedExperts names them <experts>.<e>.<proj>):
+    the gate and up of one expert share a group here, so the role is the group's parent minus the index."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-2].isdigit() and parts[-3] == "experts":
+        return ".".join(parts[:-2]) + ".*"
+    return None
 
 
 def solver_bytes(method: str, out: int, inp: int, c: int) -> int:

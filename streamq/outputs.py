@@ -24,11 +24,11 @@ def block_unit(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, i: int,
     fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
     linears = quantized_linears(layout, i, cfg)
-    needed = {prefix + n for n, _ in layout.layers[i].named_parameters()}
+    needed = {layout.source_name(prefix + n) for n, _ in layout.layers[i].named_parameters()}
     missing = sorted(needed - set(ckpt.tensors))
     if missing:
         raise StreamqError(f"{ckpt.folder}: tensor {missing[0]} is missing from the checkpoint")
-    quantized = {prefix + n + ".weight": (n, m) for n, m in linears.items()}
+    quantized = {layout.source_name(prefix + n + ".weight"): (n, m) for n, m in linears.items()}
     specs = []
     for name in block_names(layout, ckpt, i):
         if name in quantized:
@@ -76,9 +76,10 @@ def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
     prefix = layout.block_prefix(i)
     out = {}
     for lin_name, (result, _) in results.items():
+        stem = layout.source_name(f"{prefix}{lin_name}.weight")[: -len("weight")]
         for k, t in fmt.pack(result, cfg).items():
-            out[f"{prefix}{lin_name}.{k}"] = t.cpu()
-    packed_weights = {f"{prefix}{n}.weight" for n in results}
+            out[stem + k] = t.cpu()
+    packed_weights = {layout.source_name(f"{prefix}{n}.weight") for n in results}
     for name in block_names(layout, ckpt, i):
         if name[len(prefix):] in extra:
             out[name] = extra[name[len(prefix):]].to(DTYPES[ckpt.tensors[name].dtype]).cpu()
@@ -97,7 +98,7 @@ def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None
     packed = {}
     for i in range(layout.n_blocks):
         for name, lin in quantized_linears(layout, i, cfg).items():
-            stem = f"{layout.block_prefix(i)}{name}."
+            stem = layout.source_name(f"{layout.block_prefix(i)}{name}.weight")[: -len("weight")]
             shapes = fmt.linear_shapes(lin.out_features, lin.in_features, cfg)
             packed[stem + "weight"] = [stem + k for k in shapes]
         skip = ignored_in_block(layout, i, cfg)

@@ -70,12 +70,27 @@ ARCHITECTURES = {
                                       attention_multiplier=0.2, logits_scaling=2.0), True),
 }
 
+# Mixture-of-experts families (tests/test_moe.py), kept apart from ARCHITECTURES (test_architectures.py's
+# hand-listed references cover dense blocks): 4 routed experts of width `inter`, 2 per token; DeepSeek-V3 with
+# MLA attention, one shared expert and a dense first block. `experts` in make_tiny_model overrides the count.
+MOE_ARCHITECTURES = {
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+                False),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True), False),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
+                                             num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                             q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16), False),
+}
+EXPERT_COUNT = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts", "deepseek_v3": "n_routed_experts"}
+
 
 def tiny_config(arch: str, n_layers: int, vocab: int, hidden: int = 64, inter: int = 128):
-    """A small instance of the family's real config class (see ARCHITECTURES)."""
+    """A small instance of the family's real config class (see ARCHITECTURES, MOE_ARCHITECTURES)."""
     import transformers
 
-    name, extra, tie = ARCHITECTURES[arch]
+    name, extra, tie = ARCHITECTURES[arch] if arch in ARCHITECTURES else MOE_ARCHITECTURES[arch]
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=4,
                   max_position_embeddings=512, tie_word_embeddings=tie)
     if arch == "opt":
@@ -83,6 +98,8 @@ def tiny_config(arch: str, n_layers: int, vocab: int, hidden: int = 64, inter: i
         extra = {k: v for k, v in extra.items() if k != "word_embed_proj_dim"}
     elif arch == "falcon":
         common.update(ffn_hidden_size=inter)
+    elif arch in MOE_ARCHITECTURES:  # experts of width inter; DeepSeek's dense first block twice as wide
+        common.update(intermediate_size=2 * inter if arch == "deepseek_v3" else inter, moe_intermediate_size=inter)
     else:
         common.update(intermediate_size=inter)
     if "layer_types" in extra:
@@ -92,8 +109,13 @@ def tiny_config(arch: str, n_layers: int, vocab: int, hidden: int = 64, inter: i
 
 def save_model(model, folder: Path, shards: int, dtype: torch.dtype) -> None:
     """Write the state dict as `shards` safetensors files + index (shared tensors written once)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if any(v.dim() == 3 for v in state.values()):  # fused MoE experts -> one tensor per expert, as HF saves them
+        state = revert_weight_conversion(model, state)
+    state = {k: v.detach().to(dtype).contiguous().clone() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     names = sorted(state)
@@ -112,19 +134,23 @@ def save_model(model, folder: Path, shards: int, dtype: torch.dtype) -> None:
 
 def make_tiny_model(folder: Path, arch: str = "llama", n_layers: int = 2, shards: int = 2,
                     dtype: torch.dtype = torch.float32, seed: int = 0, hidden: int = 64, inter: int = 128,
-                    tie: bool | None = None, vary_1d: bool = False) -> Path:
-    """A random-weight model of family `arch` (ARCHITECTURES) saved as `shards` safetensors files with a small
-    BPE tokenizer and calib.txt. tie: tie_word_embeddings (None: the family's usual choice); vary_1d: draw
-    biases and norm weights at random too (they start as zeros / ones), so code that drops them shows."""
+                    tie: bool | None = None, vary_1d: bool = False, experts: int | None = None) -> Path:
+    """A random-weight model of family `arch` (ARCHITECTURES, MOE_ARCHITECTURES) saved as `shards` safetensors
+    files with a small BPE tokenizer and calib.txt. tie: tie_word_embeddings (None: the family's usual choice);
+    vary_1d: draw biases and norm weights at random too (they start as zeros / ones), so code that drops them
+    shows; experts: routed experts per MoE block. MoE experts are saved as HF checkpoints hold them, one tensor
+    per expert (transformers' own save-time conversion of its fused parameters)."""
     tok = make_tokenizer()
     torch.manual_seed(seed)
     config = tiny_config(arch, n_layers, len(tok), hidden, inter)
     if tie is not None:
         config.tie_word_embeddings = tie
+    if experts is not None:
+        setattr(config, EXPERT_COUNT[arch], experts)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger-than-init weights so blocks change the residual stream visibly
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() >= 2 and "embed" not in name:
                 p.normal_(0, 0.08)
             elif p.dim() == 1 and vary_1d:
                 p.add_(torch.randn_like(p), alpha=0.1)

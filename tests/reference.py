@@ -238,3 +238,88 @@ def plain_sparsegpt(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> Plain
     if not quantized:
         return PlainSparse(Q.float(), None, None, None, mask)
     return PlainSparse(Q.float(), codes, torch.stack(scales).float(), torch.stack(zeros).float(), mask)
+
+
+# Mixture-of-experts blocks (tests/test_moe.py), read off transformers' modeling code: the attention groups,
+# the sparse-MoE module, the names a checkpoint gives each expert's (gate, up, down), and the shared expert's
+# groups, which run after the routed experts on the MoE input itself.
+_MLA = [["self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"], ["self_attn.q_b_proj"], ["self_attn.kv_b_proj"],
+        ["self_attn.o_proj"]]
+MOE = {  # model_type -> (attention groups, MoE module, checkpoint name of the MoE module, expert Linears, shared)
+    "mixtral": (_GATED[:2], "mlp", "block_sparse_moe", ("w1", "w3", "w2"), []),
+    "qwen3_moe": (_GATED[:2], "mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), []),
+    "deepseek_v3": (_MLA, "mlp", "mlp", ("gate_proj", "up_proj", "down_proj"),
+                    [["mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"], ["mlp.shared_experts.down_proj"]]),
+}
+
+
+def _solve(W, H, cfg):
+    return rtn_quantize(W, cfg) if cfg.method == "rtn" else gptq_quantize(W, H, cfg).result
+
+
+@torch.no_grad()
+def reference_quantize_moe(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
+    """GPTQ / RTN of an MoE model in RAM, on transformers' own fused experts: each expert's rows of
+    gate_up_proj / down_proj solved as a Linear with the Hessian of the tokens its router picked (captured at the
+    experts module's input: hidden [tokens, hidden], top_k_index [tokens, k]); down_proj's inputs recomputed by
+    hand, act(x Wg^T) * (x Wu^T), from the quantized gate/up rows. An expert with fewer than cfg.moe_min_tokens
+    tokens gets an identity Hessian; with cfg.moe_all_tokens every expert's Hessian is over every token.
+    Returns (fake-quantized model, {checkpoint Linear name: QuantResult}, {checkpoint Linear name: tokens})."""
+    model, layers, prefix, inputs, kws = load_with_block0_inputs(model_dir, tokens)
+    attn, moe_name, moe_ckpt, (g, u, d), shared = MOE[model.config.model_type]
+    results, counts = {}, {}
+
+    def solve_plain(layer, i, groups):
+        mods = dict(layer.named_modules())
+        for group in groups:
+            xs = {n: [] for n in group}
+            hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+                     for n in group]
+            for x in inputs:
+                layer(x, **kws[i])
+            for h in hooks:
+                h.remove()
+            for n in group:
+                r = _solve(mods[n].weight.data.clone(), ist_hessian(xs[n]), cfg)
+                mods[n].weight.data = r.weight
+                results[f"{prefix}.{i}.{n}".replace(f".{moe_name}.", f".{moe_ckpt}.")] = r
+
+    def routed(layer, i, experts):
+        seen = []
+        h = experts.register_forward_pre_hook(lambda m, a: seen.append((a[0], a[1])))
+        for x in inputs:
+            layer(x, **kws[i])
+        h.remove()
+        return seen  # per window: (hidden [tokens, hidden], top_k_index [tokens, k])
+
+    for i, layer in enumerate(layers):
+        moe = layer.get_submodule(moe_name)
+        if not hasattr(moe, "experts"):  # a dense block (DeepSeek-V3's first)
+            solve_plain(layer, i, attn + [["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]])
+            inputs = _forward(layer, inputs, kws[i])
+            continue
+        solve_plain(layer, i, attn)
+        ex = moe.experts
+        inter = ex.down_proj.shape[2]
+        stem = f"{prefix}.{i}.{moe_ckpt}.experts"
+        xs = [[hid if cfg.moe_all_tokens else hid[(idx == e).any(-1)] for hid, idx in routed(layer, i, ex)]
+              for e in range(ex.num_experts)]
+        for e in range(ex.num_experts):
+            n_tok = sum(x.shape[0] for x in xs[e])
+            H = ist_hessian(xs[e]) if n_tok >= cfg.moe_min_tokens else torch.eye(ex.gate_up_proj.shape[2])
+            for part, name in ((slice(0, inter), g), (slice(inter, 2 * inter), u)):
+                r = _solve(ex.gate_up_proj.data[e, part].clone(), H, cfg)
+                ex.gate_up_proj.data[e, part] = r.weight
+                results[f"{stem}.{e}.{name}"], counts[f"{stem}.{e}.{name}"] = r, n_tok
+        xs = [[hid if cfg.moe_all_tokens else hid[(idx == e).any(-1)] for hid, idx in routed(layer, i, ex)]
+              for e in range(ex.num_experts)]
+        for e in range(ex.num_experts):
+            mids = [ex.act_fn(x @ ex.gate_up_proj[e, :inter].t()) * (x @ ex.gate_up_proj[e, inter:].t()) for x in xs[e]]
+            n_tok = sum(x.shape[0] for x in xs[e])
+            H = ist_hessian(mids) if n_tok >= cfg.moe_min_tokens else torch.eye(inter)
+            r = _solve(ex.down_proj.data[e].clone(), H, cfg)
+            ex.down_proj.data[e] = r.weight
+            results[f"{stem}.{e}.{d}"], counts[f"{stem}.{e}.{d}"] = r, n_tok
+        solve_plain(layer, i, shared)
+        inputs = _forward(layer, inputs, kws[i])
+    return model, results, counts

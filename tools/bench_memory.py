@@ -25,6 +25,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WIDTHS = {"7b": (4096, 11008, 32), "13b": (5120, 13824, 40), "65b": (8192, 22016, 64)}
+# MoE block shapes (the models' config.json values): config class, fields, the field holding the expert count.
+# --experts N keeps the widths but builds N routed experts per block (a full DeepSeek-V3 block is 11 B
+# parameters); --plan-only writes sparse files (headers, no data) and prints `streamq plan` for the budgets.
+MOE_WIDTHS = {
+    "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                           num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+                     "num_local_experts"),
+    "qwen3-235b-a22b": ("Qwen3MoeConfig", dict(hidden_size=4096, moe_intermediate_size=1536, intermediate_size=12288,
+                                               num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+                                               num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                                               mlp_only_layers=[], norm_topk_prob=True), "num_experts"),
+    "deepseek-v3": ("DeepseekV3Config", dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                                             num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256,
+                                             n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=0,
+                                             n_group=8, topk_group=4, q_lora_rank=1536, kv_lora_rank=512,
+                                             qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
+                    "n_routed_experts"),
+}
 
 CHILD = """
 import json, sys, time
@@ -90,6 +108,63 @@ def write_model(folder: Path, hidden: int, inter: int, heads: int, n_blocks: int
     return folder
 
 
+def write_moe_model(folder: Path, width: str, n_blocks: int, experts: int | None, sparse: bool = False) -> Path:
+    """A random-weight fp16 MoE model of MOE_WIDTHS[width], one shard per block, experts saved one tensor per
+    expert (transformers' own save-time conversion, run on the meta skeleton for the names and shapes).
+    sparse: only the safetensors headers, the data a hole (for `streamq plan`, which reads headers alone)."""
+    import struct
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from tests.conftest import make_tokenizer, sample_text
+
+    name, fields, count = MOE_WIDTHS[width]
+    folder.mkdir(parents=True)
+    tok = make_tokenizer()
+    tok.save_pretrained(folder)
+    (folder / "calib.txt").write_text(sample_text(), encoding="utf-8")
+    config = getattr(transformers, name)(**{**fields, **({count: experts} if experts else {})}, vocab_size=len(tok),
+                                         num_hidden_layers=n_blocks, max_position_embeddings=4096,
+                                         tie_word_embeddings=False)
+    config.dtype = torch.float16
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in
+                  revert_weight_conversion(AutoModelForCausalLM.from_config(config), AutoModelForCausalLM.from_config(
+                      config).state_dict()).items()}
+    gen = torch.Generator().manual_seed(0)
+    n = n_blocks + 1
+    weight_map = {}
+    for i in range(n):
+        prefix = f"model.layers.{i}."
+        names = [k for k in shapes if k.startswith(prefix)] if i < n_blocks else \
+            [k for k in shapes if not k.startswith("model.layers.")]
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        if sparse:  # header: name -> dtype, shape, offsets; then a hole of the data's size
+            header, offset = {}, 0
+            for k in names:
+                size = 2 * int(torch.Size(shapes[k]).numel())
+                header[k] = {"dtype": "F16", "shape": list(shapes[k]), "data_offsets": [offset, offset + size]}
+                offset += size
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(folder / fname, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(8 + len(raw) + offset)
+        else:
+            tensors = {k: torch.ones(shapes[k], dtype=torch.float16) if len(shapes[k]) == 1 else
+                       (torch.randn(*shapes[k], generator=gen) * shapes[k][-1] ** -0.5).half() for k in names}
+            save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+            del tensors
+        weight_map.update(dict.fromkeys(names, fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
 def run(model: Path, out: Path, budget: int, a: argparse.Namespace) -> dict:
     env = dict(os.environ)
     if a.threads:
@@ -99,6 +174,16 @@ def run(model: Path, out: Path, budget: int, a: argparse.Namespace) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"compress of {model} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def plan_moe(model: Path, a: argparse.Namespace) -> None:
+    """Print `streamq plan` of model under --max-ram / --max-vram (--device as given)."""
+    args = [sys.executable, "-m", "streamq.cli", "plan", str(model), "--nsamples", str(a.nsamples), "--seqlen",
+            str(a.seqlen), "--no-benchmark", "--device", a.device]
+    args += ["--max-ram", str(a.max_ram)] if a.max_ram else []
+    args += ["--max-vram", str(a.max_vram)] if a.max_vram else []
+    r = subprocess.run(args, capture_output=True, text=True)
+    print(f"$ streamq plan {model.name} ... (exit {r.returncode})\n{r.stdout}{r.stderr}")
 
 
 def main() -> None:
@@ -116,6 +201,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="folder for models and outputs (default: temp)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--max-vram", type=parse_size, default=None, help="VRAM budget for --device cuda/auto")
+    p.add_argument("--experts", type=int, default=None, help=f"MoE widths ({', '.join(MOE_WIDTHS)}): routed "
+                   "experts per block (default: the model's)")
+    p.add_argument("--plan-only", action="store_true", help="MoE widths: print `streamq plan` for the budgets "
+                   "(sparse files: headers only) instead of compressing")
     a = p.parse_args()
     a.gpu = {"device": a.device, **({"max_vram": a.max_vram} if a.max_vram else {})}
     budget = a.max_ram or psutil.virtual_memory().available
@@ -124,9 +213,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="streamq-bench-memory-", dir=a.work))
     try:
         for width in a.widths.split(","):
-            hidden, inter, heads = WIDTHS.get(width) or map(int, width.split("/"))
+            moe = width in MOE_WIDTHS
+            hidden, inter, heads = (0, 0, 0) if moe else WIDTHS.get(width) or map(int, width.split("/"))
             for n in map(int, a.blocks.split(",")):
-                model = write_model(work / f"{width}-{n}", hidden, inter, heads, n)
+                if moe and a.plan_only:
+                    plan_moe(write_moe_model(work / f"{width}-{n}", width, n, a.experts, sparse=True), a)
+                    continue
+                model = write_moe_model(work / f"{width}-{n}", width, n, a.experts) if moe else \
+                    write_model(work / f"{width}-{n}", hidden, inter, heads, n)
                 got = run(model, work / f"{width}-{n}-out", budget, a)
                 shutil.rmtree(work / f"{width}-{n}")
                 shutil.rmtree(work / f"{width}-{n}-out")
@@ -134,6 +228,8 @@ def main() -> None:
                 per_block = sum(got["block_seconds"]) / n
                 io_share = got["io_wait_seconds"] / max(sum(got["block_seconds"]), 1e-9)
                 label = f"{width} ({hidden}/{inter}/{heads})" if width in WIDTHS else width
+                if moe:
+                    label = f"{width} ({a.experts or 'all'} experts)"
                 rows.append(f"| {label} | {n} | {got['peak'] / GB:.2f} GB "
                             f"| {plan['peak_ram_bytes'] / GB:.2f} GB | {got['peak'] / plan['peak_ram_bytes']:.2f} "
                             f"| {plan['baseline_rss_bytes'] / GB:.2f} GB | {plan['offload']} | {per_block:.0f} "

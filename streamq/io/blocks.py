@@ -14,7 +14,7 @@ import contextlib
 import copy
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from streamq.errors import StreamqError
 from streamq.io.checkpoint import Checkpoint, check_against_config
+from streamq.moe import unfuse_experts
 
 
 @dataclass
@@ -37,6 +38,12 @@ class ModelLayout:
     decoder_prefix: str  # the decoder's name plus "." ("" when it is the model itself)
     parent: nn.Module  # the module the block list is registered in, as parent.<attr>
     attr: str
+    # module parameter name -> checkpoint tensor name where they differ (MoE experts, streamq/moe.py)
+    source_names: dict[str, str] = field(default_factory=dict)
+
+    def source_name(self, name: str) -> str:
+        """The checkpoint (and output) name of the model's tensor `name`."""
+        return self.source_names.get(name, name)
 
     @property
     def n_blocks(self) -> int:
@@ -97,6 +104,7 @@ def build_layout(ckpt: Checkpoint, attn_implementation: str | None = None) -> Mo
     parent_name, _, attr = path.rpartition(".")
     layout = ModelLayout(config, model, decoder, layers, path + ".", decoder_name + "." if decoder_name else "",
                          model.get_submodule(parent_name), attr)
+    layout.source_names = unfuse_experts(model, layers, layout.layers_prefix, ckpt.names(), where)
     check_against_config(ckpt, layout)
     return layout
 
@@ -163,21 +171,21 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelL
     tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
     state, loaded = {}, {}
     for name, _ in module.named_parameters(remove_duplicate=False):
-        full = prefix + name
+        full = layout.source_name(prefix + name)
         if full not in ckpt.tensors and full in tied and getattr(layout.config, "tie_word_embeddings", False):
             full = tied[full]
         if full not in loaded:  # a tied tensor is read once and shared
             loaded[full] = ckpt.get(full, device).to(dtype)
         state[name] = loaded[full]
     for name, buf in module.named_buffers():
-        full = prefix + name
+        full = layout.source_name(prefix + name)
         if full in ckpt.tensors:  # persistent buffers saved in the checkpoint
             state[name] = ckpt.get(full, device)
     module.load_state_dict(state, strict=False, assign=True)
     ckpt.close()
     for name, p in module.named_parameters(remove_duplicate=False):
         if p.is_meta:
-            raise StreamqError(f"{ckpt.folder}: tensor {prefix + name} is missing from the checkpoint")
+            raise StreamqError(f"{ckpt.folder}: tensor {layout.source_name(prefix + name)} is missing from the checkpoint")
     compute_buffers(module, prefix, layout, device, str(ckpt.folder))
     return module
 

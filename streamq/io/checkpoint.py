@@ -302,13 +302,15 @@ def check_against_config(ckpt: Checkpoint, layout) -> None:
         raise StreamqError(f"{where}: num_hidden_layers {n}, but the checkpoint also holds {prefix}{extra[0]} "
                            f"({len(found)} blocks)")
     tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
-    linears = {f"{layout.block_prefix(i)}{k}.weight": m for i in range(n) for k, m in layout.block_linears(i).items()}
+    linears = {layout.source_name(f"{layout.block_prefix(i)}{k}.weight"): m
+               for i in range(n) for k, m in layout.block_linears(i).items()}
     if ckpt.quant_format is not None and ckpt.quant_format[1].quant_lm_head:  # --quant-lm-head: the head is packed
         from streamq.ignore import quantized_head
 
         head, lin = quantized_head(layout, ckpt.quant_format[1])
         linears[head + ".weight"] = lin
     for name, p in layout.model.named_parameters():
+        name = layout.source_name(name)
         stored = ckpt.tensors.get(name)
         if name in linears and (stored is None or stored.dtype == "I8") and ckpt.quant_format is not None:
             _check_packed(ckpt, name.removesuffix("weight"), linears[name], where)

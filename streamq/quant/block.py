@@ -19,6 +19,7 @@ from torch import nn
 from streamq.config import QuantConfig
 from streamq.forward import run_block
 from streamq.methods import QuantResult, get_method
+from streamq.moe import all_tokens
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.spqr import SpQRResult
 from streamq.quant.stages import Plan, Replay, Trace, clone_output, plan, swap, trace
@@ -36,6 +37,7 @@ class LayerReport:
     damp: float
     seconds: float
     warning: str = ""
+    tokens: int | None = None  # MoE routed expert: calibration tokens routed to it (None: every token)
 
 
 class _StopForward(Exception):
@@ -44,20 +46,24 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwargs: dict, device: torch.device,
-             hessian_device: torch.device, kept: dict[str, list], emit: Callable | None) -> dict[str, torch.Tensor]:
+             hessian_device: torch.device, kept: dict[str, list], emit: Callable | None,
+             tokens: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Pass j of plan p over the samples: p.replay[j] replaced by their kept outputs, the outputs p.record[j]
     and the inputs of the tails p.build[j] kept (into `kept`), pass j's Hessians collected (H [in, in] fp32 on
-    hessian_device, one per input tensor, by Linear name) or, in the last pass, each output handed to emit."""
+    hessian_device, one per input tensor, by Linear name) or, in the last pass, each output handed to emit.
+    tokens: filled with the tokens each of pass j's Linears saw (a routed expert sees only its own)."""
     modules = dict(block.named_modules())
     groups = p.passes[j] if j < len(p.passes) else []
     accs = [HessianAccumulator(modules[g[0]].in_features, hessian_device) for g in groups]
     builds = [[m for m, b in p.build.items() if b == j and t.tails[m] in g] for g in groups]
     pending: set[int] = set()
+    seen = [0] * len(groups)
     at = [0]  # the sample being run, for the stand-ins
 
     def hook_for(k):
         def pre_hook(module, args):
             accs[k].add(args[0])
+            seen[k] += args[0].numel() // max(1, args[0].shape[-1])
             for m in builds[k]:
                 kept[m].append(args[0])
             pending.discard(k)
@@ -86,6 +92,8 @@ def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwar
             h.remove()
         for m, original in replaced.items():
             swap(block, m, original)
+    if tokens is not None:
+        tokens.update({n: c for c, g in zip(seen, groups) for n in g})
     return {n: acc.H for acc, g in zip(accs, groups) for n in g}
 
 
@@ -100,13 +108,20 @@ def build_tails(block: nn.Module, t: Trace, p: Plan, j: int, kept: dict[str, lis
             kept[m] = [(y, *([None] * (n - 1))) if n else y for y in outs]
 
 
-def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
-                    cfg: QuantConfig) -> tuple[QuantResult | SpQRResult, LayerReport]:
-    """Solve one layer and write its fake-quantized weight back into the module (SpQRResult for method spqr)."""
+def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig,
+                    tokens: int | None = None) -> tuple[QuantResult | SpQRResult, LayerReport]:
+    """Solve one layer and write its fake-quantized weight back into the module (SpQRResult for method spqr).
+
+    tokens: a routed expert's calibration tokens; below cfg.moe_min_tokens its Hessian is replaced by the
+    identity (the solve then rounds each weight to nearest on the method's grid), with a warning."""
     start = time.perf_counter()
     W = linear.weight.detach().float() if H is None else linear.weight.detach().to(H.device, torch.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if H is not None and tokens is not None and tokens < cfg.moe_min_tokens:
+            warnings.warn(f"{tokens} calibration tokens routed to this expert (< --moe-min-tokens "
+                          f"{cfg.moe_min_tokens}): round-to-nearest (identity Hessian)")
+            H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
         result, loss, damp = get_method(cfg.method).solve(W, H, cfg)  # the method's solver (streamq.methods)
         if H is None:  # data-free
             error = ((W - result.weight).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30)).item()
@@ -114,7 +129,7 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None,
             error = relative_output_error(W, result.weight, H)
     linear.weight.data = result.weight.to(linear.weight.device, linear.weight.dtype)
     note = "; ".join(str(w.message) for w in caught)
-    return result, LayerReport(error, loss, damp, time.perf_counter() - start, note)
+    return result, LayerReport(error, loss, damp, time.perf_counter() - start, note, tokens)
 
 
 @torch.no_grad()
@@ -137,17 +152,23 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
             for x in samples():
                 emit(run_block(block, x.to(device), kwargs))
         return results
+    with all_tokens(block, cfg.moe_all_tokens):
+        return _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip)
+
+
+def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip):
+    """quantize_block's true-sequential passes (MoE experts in the calibration mode cfg asks for)."""
     t = trace(block, next(iter(samples())).to(device), kwargs)
     p = plan(t, cfg.true_sequential, keep_bytes)
     kept = {m: [] for m in [*p.record, *p.build]}
     last_use = {m: max(j for j, r in enumerate(p.replay) if m in r) for m in kept}
-    results = {}
+    results, tokens = {}, {}
     for j in range(len(p.passes) + (emit is not None)):
-        hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit)
+        hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit, tokens)
         for name in (n for g in p.passes[j] for n in g) if j < len(p.passes) else ():
             H = hessians.pop(name)
             if name not in skip:
-                results[name] = quantize_linear(modules[name], H, cfg)
+                results[name] = quantize_linear(modules[name], H, cfg, tokens[name] if name in t.parallel else None)
         build_tails(block, t, p, j, kept)
         for m in [m for m, last in last_use.items() if last == j]:
             del kept[m]

@@ -22,11 +22,16 @@ import torch
 from torch import nn
 
 from streamq.calib.capture import run_block
+from streamq.moe import parallel_key
 
 # Most bytes of block intermediates kept between passes, all samples together (footprint.py counts them): at
 # SmolLM2-135M width (32 x 512 tokens) everything fits (~140 MB fp32); at 7B width (128 x 2048, bf16) the
 # attention output is kept and the MLP recomputed in the output pass.
 KEEP_BYTES = 1 << 30
+# Most bytes of routed experts' Hessians collected in one pass (fp32 [in, in] each; footprint.py counts them):
+# at Mixtral width all 8 experts' gate/up share a pass (8 x 64 MB); at DeepSeek-V3 width (256 experts, 7168
+# wide) 5 experts' gate/up do, so the block runs 52 + 4 expert passes instead of holding 52 GB of Hessians.
+EXPERT_PASS_BYTES = 1 << 30
 
 
 @dataclass
@@ -42,7 +47,9 @@ class Trace:
     tail_len: dict[str, int]  # module -> length of the tuple it returns (0: a bare tensor)
     out_bytes: dict[str, int]  # bytes of the tensors a module returns, per sample
     in_bytes: dict[str, int]  # Linear -> bytes of its input, per sample
+    in_features: dict[str, int] = field(default_factory=dict)  # Linear -> in_features (its Hessian's side)
     n_events: int = 0
+    parallel: dict[str, str] = field(default_factory=dict)  # MoE expert Linear -> its key (streamq/moe.py)
 
 
 @torch.no_grad()
@@ -58,6 +65,7 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
         order.append(name)
         if isinstance(module, nn.Linear):
             t.linears.append(name)
+            t.in_features[name] = module.in_features
             inputs[name] = args[0]
             t.in_bytes[name] = args[0].numel() * args[0].element_size()
 
@@ -90,6 +98,7 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
         if name not in by_input.setdefault(id(inputs[name]), []):
             by_input[id(inputs[name])].append(name)
     t.groups = list(by_input.values())
+    t.parallel = {n: k for n in t.linears if (k := parallel_key(n, block)) is not None}
     return t
 
 
@@ -108,7 +117,7 @@ class Plan:
 def plan(t: Trace, true_sequential: bool, budget: int | None) -> Plan:
     """Choose what to keep so each part of the block runs as few times as possible within budget bytes per
     sample (None: no limit); a module called more than once, or a block whose Linears are, is never replayed."""
-    passes = [[g] for g in t.groups] if true_sequential else [t.groups]
+    passes = sequential_passes(t) if true_sequential else [t.groups]
     stops = [max(t.start[g[0]] for g in p) for p in passes] + [t.n_events]
     if any(t.calls[n] != 1 for n in t.linears):
         return Plan(passes, stops, replay=[[] for _ in stops])
@@ -120,6 +129,23 @@ def plan(t: Trace, true_sequential: bool, budget: int | None) -> Plan:
             return p
         kept = list(p.record) + list(p.build)
         forbidden.add(max(kept, key=lambda m: t.out_bytes[m] + (t.in_bytes[t.tails[m]] if m in p.build else 0)))
+
+
+def sequential_passes(t: Trace, budget: int = EXPERT_PASS_BYTES) -> list[list[list[str]]]:
+    """One pass per input group, except that consecutive groups of routed experts with one key (the experts'
+    gate/up, then their downs) share a pass, as many as have Hessians within budget bytes: their inputs do
+    not depend on each other."""
+    passes: list[list[list[str]]] = []
+    held = 0
+    for g in t.groups:
+        key, h = t.parallel.get(g[0]), 4 * t.in_features[g[0]] ** 2
+        if key is not None and passes and t.parallel.get(passes[-1][-1][0]) == key and held + h <= budget:
+            passes[-1].append(g)
+            held += h
+        else:
+            passes.append([g])
+            held = h
+    return passes
 
 
 def _simulate(t: Trace, passes, stops, forbidden: set[str]) -> Plan:
