@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="gptq", choices=names(),
                    help="gptq: error-compensating solve per Linear; rtn: round to nearest (no data); autoround: "
                    "signed-gradient rounding per block; spqr: small groups, quantized scales, fp16 outliers; sparsegpt: "
-                   "prune (--sparsity, --mask-structure) and quantize in one pass")
+                   "prune and quantize in one pass")
     c.add_argument("--preset", default=None, choices=sorted({n for recipes in PRESETS.values() for n in recipes}),
                    help="a named recipe (default: none): autoround light (50 iters, lr 5e-3) | best "
                    "(1000 iters, 512 samples); spqr near-lossless (w4 g16, qq 3/3/16, outlier threshold 0.2, "
