@@ -3,6 +3,7 @@ samples so the other store slot holds the next block's inputs."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,8 +51,11 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
         store.write(dest, j, y)
 
     samples = lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
+    # kept intermediates live where the store does: on disk a scratch file beside it (quant/kept.py), in RAM
+    # within KEEP_BYTES (footprint.py counts either); the out-of-memory retry recomputes them
+    spill = str(Path(store.path).parent) if store.path is not None and not lean else None
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device, emit=emit,
-                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples)
+                             keep_bytes=0 if lean else KEEP_BYTES // store.nsamples, spill=spill)
     store.flush(dest)
     return results
 
