@@ -174,3 +174,19 @@ def test_spilled_list_round_trip(tmp_path):
     assert back[1][0].dtype == torch.bfloat16 and torch.equal(back[1][0], items[1][0])
     assert torch.equal(kept[2], items[2]) and back[0] is not items[0]
     kept.close()
+
+
+def test_spilled_list_disk_full_is_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    from streamq.errors import StreamqError
+    from streamq.quant import kept as kept_module
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kept_module.os, "pwrite", full)
+    kept = SpilledList(tmp_path)
+    with pytest.raises(StreamqError, match="disk full"):
+        kept.append(torch.ones(4))
+    kept.close()
