@@ -3,6 +3,7 @@ samples so the other store slot holds the next block's inputs."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,10 +62,13 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
         check_finite(y, f"{what} outputs (sample {j})")
         store.write(dest, j, y)
 
+    # kept intermediates live where the store does: on disk a scratch file beside it (quant/kept.py), in RAM
+    # within KEEP_BYTES (footprint.py counts either); the out-of-memory retry recomputes them
+    spill = str(Path(store.path).parent) if store.path is not None and not lean else None
     observe = bool(scale_names(layout.block_linears(i), cfg, what, skip))  # static activation / KV-cache scales
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device,
                              emit=None if observe else emit, keep_bytes=0 if lean else KEEP_BYTES // store.nsamples,
-                             skip=skip)
+                             skip=skip, spill=spill)
     if observe:  # the output pass, observing the quantized block's activations
         with torch.no_grad(), observing(block, cfg, what, skip) as absmax:
             for x in samples():

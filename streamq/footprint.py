@@ -12,8 +12,10 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
     block_i   = BLOCK_SLACK * (Wc + max(read,                                              materialize
                                         H_group + fwd + 2 * seqlen * in_max * 4 + R + K,  Hessian pass
                                         H_group + solver(L) + R + K))                      solve, worst L
-    K         = min(nsamples * seqlen * (hidden + inter) * c, KEEP_BYTES): true-sequential GPTQ/SpQR's kept
-                intermediates (quant/stages.py; at most the attention output and the down projection's input)
+    K         = min(kept, KEEP_BYTES) with offload ram; 0 with offload disk, where they go to a scratch file
+                beside the store (quant/kept.py; kept bytes count in peak disk instead)
+    kept      = nsamples * seqlen * (hidden + inter) * c: true-sequential GPTQ/SpQR's kept intermediates
+                (quant/stages.py; at most the attention output and the down projection's input)
     solver(L) = max(4 Hu + Wu, Hu + 3 Wu + 4 min(Wu, ERROR_CHUNK)) + SOLVER_SLACK  (+ Wu when c != 4)
     read      = a tensor as read: its isfinite mask, plus its mapped source bytes when it is cast
     fwd       = seqlen * (8 * hidden + 4 * inter) * c      one sample through the block (sdpa, no mask)
@@ -37,7 +39,7 @@ On a CUDA device the block terms count against VRAM, plus VRAM_RESERVE (context,
 keeps the tensor being read and CUDA_HOST_OVERHEAD. RTN: no Hessians, solver 6 Wu, no store, no forward.
 AutoRound (rougher): 9 fp32 copies of every Linear (weights, offsets, grads, best iterate, saved qdq) and
 samples_per_forward samples with their autograd activations (3 fwd each).
-peak disk = store (offload disk: every slot) + output (planned shards; SpQR counted without outliers) +
+peak disk = store and kept (offload disk: every slot) + output (planned shards; SpQR counted without outliers) +
 tokenizer files.
 """
 from __future__ import annotations
@@ -117,7 +119,7 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,
         "pending_bytes": max((u.nbytes for k, u in writer.units.items() if k.startswith("block.")), default=0),
-        "keep_bytes": min(opts.nsamples * opts.seqlen * (hidden + inter) * c, KEEP_BYTES)
+        "kept_bytes": opts.nsamples * opts.seqlen * (hidden + inter) * c
         if get_method(cfg.method).footprint == "gptq" and cfg.true_sequential else 0,
         "samples_per_forward": min(cfg.batch_size, opts.nsamples) if get_method(cfg.method).footprint == "autoround" else 1,
     }
@@ -171,7 +173,7 @@ def solver_bytes(method: str, out: int, inp: int, c: int) -> int:
     return max(4 * hu + wu, hu + 3 * wu + 4 * min(wu, ERROR_CHUNK)) + SOLVER_SLACK + copy
 
 
-def block_bytes(b: dict, f: dict, method: str, seqlen: int) -> int:
+def block_bytes(b: dict, f: dict, method: str, seqlen: int, offload: str = "ram") -> int:
     """A block's high-water mark on its compute device, above the baseline and the store."""
     c, fwd = f["c"], f["fwd_bytes"]
     params = sum(o * i for o, i in b["linears"].values())
@@ -181,7 +183,8 @@ def block_bytes(b: dict, f: dict, method: str, seqlen: int) -> int:
     elif method == "rtn":
         phases = [max(solver_bytes("rtn", o, i, c) for o, i in b["linears"].values())]
     else:
-        results = params * (1 + (4 if c != 4 else 0)) + f["keep_bytes"]  # R + K
+        keep = min(f["kept_bytes"], KEEP_BYTES) if offload == "ram" else 0
+        results = params * (1 + (4 if c != 4 else 0)) + keep  # R + K
         phases = []
         for group in b["groups"]:
             held = sum(b["linears"][n][1] ** 2 * 4 for n in group)
@@ -199,7 +202,7 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
     store_ram = {"ram": f["slots"] * f["slot_bytes"], "disk": PREFETCH * f["sample_bytes"], "none": 0}[offload]
     blocks, ram, vram = [], [f["rest_bytes"]], []
     for b in f["blocks"]:
-        peak = block_bytes(b, f, method, seqlen)
+        peak = block_bytes(b, f, method, seqlen, offload)
         on = "cpu" if not cuda or (max_vram is not None and peak + VRAM_RESERVE > max_vram) else str(device)
         if on == "cpu":
             ram.append(peak)
@@ -216,7 +219,7 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
     return {
         "ram": baseline + RUN_OVERHEAD + store_ram + max(ram) + f["pending_bytes"] + (CUDA_HOST_OVERHEAD if cuda else 0),
         "vram": max(vram) + VRAM_RESERVE if vram else 0,
-        "disk": f["output_bytes"] + (f["slots"] * f["slot_bytes"] if offload == "disk" else 0),
+        "disk": f["output_bytes"] + (f["slots"] * f["slot_bytes"] + f["kept_bytes"] if offload == "disk" else 0),
         "blocks": blocks,
     }
 

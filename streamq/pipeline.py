@@ -30,6 +30,7 @@ from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, plan_shards
+from streamq.memstat import release_free_heap
 from streamq.methods import get_method
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.outputs import block_tensors, block_unit, plan_units, source_map
@@ -95,6 +96,8 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         phase(f"tokenizing the calibration text into {opts.nsamples} windows of {opts.seqlen} tokens", opts.progress)
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
+        del tokenizer
+        release_free_heap()
         longest = ckpt.config.get("max_position_embeddings")
         if longest and opts.seqlen > longest:  # rotary models run past it, but on positions never trained
             logging.getLogger("streamq").warning(f"warning: --seqlen {opts.seqlen} exceeds the model's "
@@ -126,6 +129,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         store.before_write = writes.wait
     try:
         for i in range(manifest["next_block"], layout.n_blocks):  # 5
+            release_free_heap()  # what tokenizing, the capture or the last block freed: the peak is one phase's
             start, store_io = time.perf_counter(), store.io_seconds if store else 0.0
             io_wait = readahead.wait(i)
             if i + 1 < layout.n_blocks:

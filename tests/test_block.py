@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from streamq.calib.capture import run_block
 from streamq.calib.data import calibration_windows
 from streamq.config import QuantConfig
+from streamq.quant.kept import SpilledList
 from streamq.quant.block import quantize_block
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import HessianAccumulator
@@ -139,3 +140,53 @@ def test_hessians_shared_by_linears_reading_one_tensor(tmp_path, monkeypatch):
     quantize_block(block, lambda: iter(xs), kw, QuantConfig(bits=4, group_size=32), torch.device("cpu"))
     assert len(seen) == 4  # q/k/v, o, gate/up, down: one accumulator per input tensor
     assert set(seen.values()) == {NS}
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_block_spilled_to_disk_bit_identical_and_holds_nothing_in_ram(tmp_path, monkeypatch, act_order):
+    """spill=folder: every kept intermediate goes through the scratch file (nothing kept in a RAM list), and the
+    results equal plain true-sequential GPTQ."""
+    block, xs, kw = block_and_inputs(tmp_path, "llama")
+    cfg = QuantConfig(bits=4, group_size=32, act_order=act_order, static_groups=act_order)
+    want, want_out = plain_true_sequential(copy.deepcopy(block), xs, kw, cfg)
+    written = []
+    orig = SpilledList.append
+    monkeypatch.setattr(SpilledList, "append", lambda self, out: (written.append(out), orig(self, out)))
+    got_out = []
+    got = quantize_block(block, lambda: iter(xs), kw, cfg, torch.device("cpu"), emit=got_out.append,
+                         spill=str(tmp_path))
+    # llama: attention's o_proj inputs, then its output; the MLP's down_proj inputs, then its output (per sample)
+    assert len(written) == 4 * NS
+    for name, r in want.items():
+        for field in ("weight", "codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(got[name][0], field), getattr(r, field)), f"{name}.{field}"
+    assert all(torch.equal(a, b) for a, b in zip(got_out, want_out))
+
+
+def test_spilled_list_round_trip(tmp_path):
+    kept = SpilledList(tmp_path)
+    items = [torch.randn(1, 3, 5), (torch.randn(2, 4).to(torch.bfloat16), None), torch.zeros(0)]
+    for x in items:
+        kept.append(x)
+    assert len(kept) == 3 and list(tmp_path.iterdir()) == []  # unnamed file
+    back = list(kept)
+    assert torch.equal(back[0], items[0]) and isinstance(back[1], tuple) and back[1][1] is None
+    assert back[1][0].dtype == torch.bfloat16 and torch.equal(back[1][0], items[1][0])
+    assert torch.equal(kept[2], items[2]) and back[0] is not items[0]
+    kept.close()
+
+
+def test_spilled_list_disk_full_is_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    from streamq.errors import StreamqError
+    from streamq.quant import kept as kept_module
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kept_module.os, "pwrite", full)
+    kept = SpilledList(tmp_path)
+    with pytest.raises(StreamqError, match="disk full"):
+        kept.append(torch.ones(4))
+    kept.close()

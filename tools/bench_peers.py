@@ -8,8 +8,10 @@
 
 The calibration windows are drawn once (streamq's seeded sampler) and written to windows.npy; every run reads
 that file (streamq: `--calib windows.npy`; llm-compressor: a datasets.Dataset of the same input_ids, not
-shuffled). Each run is a fresh child process; wall and peak RSS (wait4's ru_maxrss) cover loading, calibration
-and quantization (llm-compressor's child reports its RSS before it evaluates). Perplexity: exp(mean NLL) of
+shuffled). Each run is a fresh child process; wall and peak RSS cover loading, calibration and quantization.
+Peak RSS is the child's own VmHWM (/proc/<pid>/status): wait4's ru_maxrss would inherit this parent's RSS on
+Linux. streamq's is read by a wrapper that runs the CLI in-process and prints streamq.memstat.peak_rss_bytes();
+llm-compressor's child reads its own before it evaluates. Perplexity: exp(mean NLL) of
 tokens 1..seqlen-1 over the first --eval-windows non-overlapping windows of --test-text (streamq: `streamq
 eval` on the output; llm-compressor: the same windows through its quantized model in the child). Rows run in
 turn, --repeats times round (interleaved), so load on the machine hits all rows alike.
@@ -43,7 +45,8 @@ ROWS = {  # name -> (tool, extra flags)
 }
 
 PEER = r"""
-import json, math, resource, sys, time
+import json, math, sys, time
+start = time.perf_counter()  # as streamq's wall: imports, loading, calibration and quantization
 import numpy as np, torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
@@ -51,7 +54,6 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 model_dir, windows, evals, bits, group, sym = sys.argv[1:7]
 w, ev = np.load(windows, allow_pickle=False), np.load(evals, allow_pickle=False)
-start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 ds = Dataset.from_dict({"input_ids": w.tolist(), "attention_mask": np.ones_like(w).tolist()})
 weights = {"num_bits": int(bits), "type": "int", "symmetric": sym == "True", "strategy": "group",
@@ -60,7 +62,7 @@ recipe = GPTQModifier(ignore=["lm_head"], config_groups={"g": {"targets": ["Line
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(w), max_seq_length=w.shape[1],
         shuffle_calibration_samples=False)
 seconds = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 nll = 0.0
 with torch.no_grad():
     for row in ev:
@@ -70,33 +72,42 @@ with torch.no_grad():
 print(json.dumps({"seconds": seconds, "rss": rss, "ppl": math.exp(nll / (ev.shape[0] * (ev.shape[1] - 1)))}))
 """
 
+# `streamq compress ...` in-process, then this process's peak RSS on stderr's last line
+STREAMQ = """
+import json, sys
+from streamq.cli import main
+from streamq.memstat import peak_rss_bytes
+rc = main(sys.argv[1:])
+print(json.dumps({"rss": peak_rss_bytes()}), file=sys.stderr)
+sys.exit(rc)
+"""
+
 
 def streamq_run(streamq: str, args, flags: list[str], windows: Path, out: Path) -> dict:
-    cmd = [streamq, "compress", str(args.model), str(out), "--calib", str(windows), "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--group-size", str(args.group_size), "--no-progress", *flags]
+    cmd = [sys.executable, "-c", STREAMQ, "compress", str(args.model), str(out), "--calib", str(windows),
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--group-size", str(args.group_size),
+           "--no-progress", *flags]
     start = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    err = p.stderr.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"streamq compress failed:\n{err[-3000:]}")
+    if p.returncode:
+        raise SystemExit(f"streamq compress failed:\n{p.stderr[-3000:]}")
+    rss = json.loads(p.stderr.strip().splitlines()[-1])["rss"]
     ev = subprocess.run([streamq, "eval", str(out), "--data", str(args.test_text), "--seqlen", str(args.seqlen),
                          "--max-windows", str(args.eval_windows)], capture_output=True, text=True, check=True)
     ppl = float(ev.stdout.split("perplexity")[-1].split()[0])
     shutil.rmtree(out)
-    return {"seconds": wall, "rss": usage.ru_maxrss * 1024, "ppl": ppl}
+    return {"seconds": wall, "rss": rss, "ppl": ppl}
 
 
 def peer_run(args, opts: dict, windows: Path, evals: Path, script: Path) -> dict:
     cmd = [args.peer_python, str(script), str(args.model), str(windows), str(evals), str(opts["bits"]),
            str(args.group_size), str(opts["sym"])]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, _ = os.wait4(p.pid, 0)
-    out, err = p.stdout.read(), p.stderr.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"llm-compressor run failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    start = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"llm-compressor run failed:\n{p.stderr[-3000:]}")
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), "wall_with_eval": time.perf_counter() - start}
 
 
 def main() -> None:

@@ -24,8 +24,9 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 # Characters per tokenizer call: keeps the Rust tokenizer's memory and the Python id lists small on
 # multi-MB files; module-level so tests can shrink it.
 CHUNK_CHARS = 1 << 20
-# Chunks tokenized per batch call: fast tokenizers encode a batch in parallel.
-CHUNKS_PER_CALL = 8
+# Chunks tokenized per batch call. One: a batch is encoded in parallel, each thread's temporaries in its own
+# heap arena, which raised a 3.3 MB text's peak RSS by 310 MB instead of 210 MB, for no gain on 2 cores.
+CHUNKS_PER_CALL = 1
 
 
 @dataclass(frozen=True)

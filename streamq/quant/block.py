@@ -21,6 +21,7 @@ from streamq.forward import run_block
 from streamq.methods import QuantResult, get_method
 from streamq.moe import all_tokens
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
+from streamq.quant.kept import close_kept, new_kept
 from streamq.quant.spqr import SpQRResult
 from streamq.quant.stages import Plan, Replay, Trace, clone_output, plan, swap, trace
 
@@ -97,15 +98,18 @@ def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwar
     return {n: acc.H for acc, g in zip(accs, groups) for n in g}
 
 
-def build_tails(block: nn.Module, t: Trace, p: Plan, j: int, kept: dict[str, list]) -> None:
+def build_tails(block: nn.Module, t: Trace, p: Plan, j: int, kept: dict[str, list], spill=None) -> None:
     """After pass j's solve: each tail built in pass j becomes its (now quantized) Linear applied to the kept
-    input, shaped as the module returns it; the inputs are dropped."""
+    input, shaped as the module returns it; the inputs are dropped (spill: the scratch folder of kept.py)."""
     for m, b in p.build.items():
         if b == j:
             linear = block.get_submodule(t.tails[m])
-            outs = [linear(x) for x in kept[m]]
-            n = t.tail_len[m]
-            kept[m] = [(y, *([None] * (n - 1))) if n else y for y in outs]
+            n, outs = t.tail_len[m], new_kept(spill)
+            for x in kept[m]:
+                y = linear(x)
+                outs.append((y, *([None] * (n - 1))) if n else y)
+            close_kept(kept[m])
+            kept[m] = outs
 
 
 def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig,
@@ -136,14 +140,16 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig,
 def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantConfig, device: torch.device,
                    hessian_device: torch.device | None = None, emit: Callable[[torch.Tensor], None] | None = None,
                    keep_bytes: int | None = None,
-                   skip: frozenset[str] = frozenset()) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
+                   skip: frozenset[str] = frozenset(),
+                   spill: str | None = None) -> dict[str, tuple[QuantResult | SpQRResult, LayerReport]]:
     """Quantize every Linear of block (on device) in true-sequential groups. Returns results by Linear name.
 
     hessian_device: where the Hessians are accumulated and each layer solved (default: device); the CPU
     when the block's forward fits the GPU but the Hessian work does not. emit: called with the quantized
     block's output [1, seq, hidden] on each sample, in order (the next block's inputs). keep_bytes: most bytes
     per sample of intermediate outputs kept between passes (None: no limit; 0: recompute everything). skip: names of
-    Linears left in fp (--ignore): they run in every pass with their source weights and are not returned."""
+    Linears left in fp (--ignore): they run in every pass with their source weights and are not returned. spill: a
+    folder: every kept output goes to a scratch file there instead (kept.py), keep_bytes is not used."""
     modules = dict(block.named_modules())
     if not get_method(cfg.method).calibrated:  # data-free (RTN): no Hessians, no passes
         results = {n: quantize_linear(m, None, cfg) for n, m in modules.items()
@@ -153,23 +159,29 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
                 emit(run_block(block, x.to(device), kwargs))
         return results
     with all_tokens(block, cfg.moe_all_tokens):
-        return _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip)
+        return _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip,
+                                spill)
 
 
-def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip):
+def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip, spill):
     """quantize_block's true-sequential passes (MoE experts in the calibration mode cfg asks for)."""
     t = trace(block, next(iter(samples())).to(device), kwargs)
-    p = plan(t, cfg.true_sequential, keep_bytes)
-    kept = {m: [] for m in [*p.record, *p.build]}
+    p = plan(t, cfg.true_sequential, None if spill is not None else keep_bytes)
+    kept = {m: new_kept(spill) for m in [*p.record, *p.build]}
     last_use = {m: max(j for j, r in enumerate(p.replay) if m in r) for m in kept}
     results, tokens = {}, {}
-    for j in range(len(p.passes) + (emit is not None)):
-        hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit, tokens)
-        for name in (n for g in p.passes[j] for n in g) if j < len(p.passes) else ():
-            H = hessians.pop(name)
-            if name not in skip:
-                results[name] = quantize_linear(modules[name], H, cfg, tokens[name] if name in t.parallel else None)
-        build_tails(block, t, p, j, kept)
-        for m in [m for m, last in last_use.items() if last == j]:
-            del kept[m]
+    try:
+        for j in range(len(p.passes) + (emit is not None)):
+            hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit, tokens)
+            for name in (n for g in p.passes[j] for n in g) if j < len(p.passes) else ():
+                H = hessians.pop(name)
+                if name not in skip:
+                    results[name] = quantize_linear(modules[name], H, cfg,
+                                                    tokens[name] if name in t.parallel else None)
+            build_tails(block, t, p, j, kept, spill)
+            for m in [m for m, last in last_use.items() if last == j]:
+                close_kept(kept.pop(m))
+    finally:
+        for k in kept.values():
+            close_kept(k)
     return results
