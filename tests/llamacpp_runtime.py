@@ -3,10 +3,10 @@ logits of every position. Used by tests/test_gguf_llamacpp.py and tools/check_ll
 
 The library is the CPU build node-llama-cpp ships on npm (`@node-llama-cpp/linux-x64@3.22.1`: libllama,
 libggml-base and one libggml-cpu-<variant>.so per instruction set, built from ggml-org/llama.cpp release
-v0.5.0 on Ubuntu 22.04, GLIBC <= 2.34); tools/fetch_llamacpp.sh puts it in a folder and
-STREAMQ_LLAMACPP_LIB names that folder. The struct layouts below are llama.h's of exactly that release (the
-source ships in the main node-llama-cpp@3.22.1 package as llama/gitRelease.bundle, commit de3ff815);
-checked against gcc's offsetof: llama_model_params 80 bytes, llama_context_params 160, llama_batch 56.
+v0.5.0 on Ubuntu 22.04, GLIBC <= 2.34); tools/fetch_llamacpp.sh puts it in a folder: the repository's .llamacpp
+(the README's test command), or the one STREAMQ_LLAMACPP_LIB names. The struct layouts below are llama.h's of
+exactly that release (the source ships in the main node-llama-cpp@3.22.1 package as llama/gitRelease.bundle,
+commit de3ff815); checked against gcc's offsetof: llama_model_params 80 bytes, llama_context_params 160, llama_batch 56.
 
 Numerics are pinned for comparisons: K/V cache in F32 (llama.cpp's default is F16), flash attention off,
 extra (repacking) buffer types off by default (Q4 files crashed llama_decode in them on an AMX CPU).
@@ -60,10 +60,16 @@ _quiet = LOG_CALLBACK(lambda level, text, data: None)  # kept alive for the proc
 _lib = None
 
 
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".llamacpp"  # where the README's test command fetches it
+
+
 def library_dir() -> Path | None:
-    """The folder STREAMQ_LLAMACPP_LIB names, or None when it is unset."""
+    """The folder STREAMQ_LLAMACPP_LIB names, else the repository's .llamacpp when it holds the library, else
+    None."""
     value = os.environ.get(ENV)
-    return Path(value) if value else None
+    if value:
+        return Path(value)
+    return DEFAULT_DIR if (DEFAULT_DIR / LIBRARY).exists() else None
 
 
 def _library(folder: Path):

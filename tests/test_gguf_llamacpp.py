@@ -18,8 +18,8 @@ from tests.conftest import make_tiny_model
 from tests.llamacpp_runtime import Llama, library_dir
 
 LIB = library_dir()
-needs_llamacpp = pytest.mark.skipif(LIB is None, reason="STREAMQ_LLAMACPP_LIB unset: tools/fetch_llamacpp.sh DIR "
-                                                        "(.ci/run fetches it and sets it)")
+needs_llamacpp = pytest.mark.skipif(LIB is None, reason="llama.cpp not fetched: tools/fetch_llamacpp.sh .llamacpp "
+                                                        "(the README's test command does)")
 # F32-file tolerance: 1e-4 where the MLP is SiLU (float rounding); GELU families: ggml's CPU GELU is an fp16
 # table / tanh form, 2e-4 .. 1.3e-3 measured (gpt_neox's exact erf GELU the most)
 GELU = {"gemma2", "gemma3_text", "starcoder2", "gpt_neox", "falcon"}
