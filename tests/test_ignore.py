@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -22,6 +21,7 @@ from streamq.quant.rtn import rtn_quantize
 from streamq.verify import verify
 from tests.conftest import make_tiny_model
 from tests.reference import reference_quantize
+from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NS, SEQ = 4, 32
@@ -38,14 +38,6 @@ RUNS = {  # method, --format, extra fields
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("ignore") / "m", "llama", n_layers=2, shards=2, tie=False)
-
-
-def read_all(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def raw(t: torch.Tensor) -> bytes:

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import streamq
 from streamq.cli import main
@@ -17,6 +16,7 @@ from streamq.quant.rtn import rtn_quantize
 from streamq.recipe import merge_flags, read_recipe
 from streamq.verify import verify
 from tests.conftest import make_tiny_model
+from tests.test_pipeline import read_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--nsamples", "4", "--seqlen", "32", "--no-progress"]
@@ -86,14 +86,6 @@ def write(tmp_path, text, name="recipe.yaml"):
 def config_of(fields) -> streamq.QuantConfig:
     known = set(streamq.QuantConfig.__dataclass_fields__)
     return streamq.QuantConfig(**{k: v for k, v in fields.items() if k in known})
-
-
-def read_all(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def test_obcq_tutorial_recipe_maps_to_sparsegpt_w8a8_with_smoothing(tmp_path):
