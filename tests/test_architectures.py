@@ -34,12 +34,17 @@ GPTQ = dict(method="gptq", bits=4, group_size=32)
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """arch -> source folder, and arch -> its GPTQ output, made once per module on first use."""
-    root = tmp_path_factory.mktemp("archs")
+    return lazy_models(tmp_path_factory.mktemp("archs"))
+
+
+def lazy_models(root, **model_kw):
+    """(source, gptq): arch -> its tiny model (make_tiny_model(..., **model_kw)) / its GPTQ output under root,
+    each made on first use."""
     sources, outputs = {}, {}
 
     def source(arch):
         if arch not in sources:
-            sources[arch] = make_tiny_model(root / arch, arch, n_layers=2, shards=3, vary_1d=True)
+            sources[arch] = make_tiny_model(root / arch, arch, n_layers=2, shards=3, vary_1d=True, **model_kw)
         return sources[arch]
 
     def gptq(arch):

@@ -22,35 +22,17 @@ from streamq.moe import RoutedExperts
 from streamq.quant.stages import sequential_passes
 from tests.conftest import MOE_ARCHITECTURES, make_tiny_model, output_snapshot, run_interrupted
 from tests.reference import MOE, reference_quantize_moe
+from tests.test_architectures import GPTQ, NS, SEQ, compress, lazy_models
 from tests.test_pipeline import assert_matches_reference
 
-NS, SEQ, INTER = 4, 32, 32
+INTER = 32
 ARCHS = sorted(MOE_ARCHITECTURES)
-GPTQ = dict(method="gptq", bits=4, group_size=32)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """arch -> source folder and arch -> its GPTQ output, made once per module on first use."""
-    root = tmp_path_factory.mktemp("moe")
-    sources, outputs = {}, {}
-
-    def source(arch):
-        if arch not in sources:
-            sources[arch] = make_tiny_model(root / arch, arch, n_layers=2, shards=3, inter=INTER, vary_1d=True)
-        return sources[arch]
-
-    def gptq(arch):
-        if arch not in outputs:
-            outputs[arch] = compress(source(arch), root / f"{arch}-gptq", **GPTQ)
-        return outputs[arch]
-
-    return source, gptq
-
-
-def compress(src, out, **cfg):
-    return streamq.compress(src, out, calib=str(src / "calib.txt"), nsamples=NS, seqlen=SEQ, shard_size=40_000,
-                            progress=False, **cfg)
+    return lazy_models(tmp_path_factory.mktemp("moe"), inter=INTER)
 
 
 def reference(src, **cfg):
