@@ -31,7 +31,6 @@ from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, plan_shards
 from streamq.memstat import release_free_heap
-from streamq.methods import get_method
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.outputs import block_tensors, block_unit, plan_units, source_map
 from streamq.progress import BlockProgress, phase
