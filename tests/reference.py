@@ -121,6 +121,19 @@ def reference_spqr(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
     return model, results
 
 
+def group_inputs(layer, group: list[str], inputs: list, kw: dict) -> dict[str, list[torch.Tensor]]:
+    """One forward of layer over inputs, collecting each Linear of group's inputs as [tokens, in] rows."""
+    mods = dict(layer.named_modules())
+    xs = {n: [] for n in group}
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in group]
+    for x in inputs:
+        layer(x, **kw)
+    for h in hooks:
+        h.remove()
+    return xs
+
+
 @torch.no_grad()
 def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig, follow: dict | None = None):
     """Returns (fake-quantized model, {full linear name: QuantResult}, {full name: (gptq_err, rtn_err)});
@@ -134,13 +147,7 @@ def reference_quantize(model_dir, tokens: torch.Tensor, cfg: QuantConfig, follow
         kw = kws[i]
         mods = dict(layer.named_modules())
         for group in groups:
-            xs = {n: [] for n in group}
-            hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-                     for n in group]
-            for x in inputs:
-                layer(x, **kw)
-            for h in hooks:
-                h.remove()
+            xs = group_inputs(layer, group, inputs, kw)
             for n in group:
                 if f"{prefix}.{i}.{n}" in cfg.ignore:  # exact names: left in fp, still run for later groups
                     continue
@@ -272,13 +279,7 @@ def reference_quantize_moe(model_dir, tokens: torch.Tensor, cfg: QuantConfig):
     def solve_plain(layer, i, groups):
         mods = dict(layer.named_modules())
         for group in groups:
-            xs = {n: [] for n in group}
-            hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-                     for n in group]
-            for x in inputs:
-                layer(x, **kws[i])
-            for h in hooks:
-                h.remove()
+            xs = group_inputs(layer, group, inputs, kws[i])
             for n in group:
                 r = _solve(mods[n].weight.data.clone(), ist_hessian(xs[n]), cfg)
                 mods[n].weight.data = r.weight
