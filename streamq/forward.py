@@ -11,6 +11,16 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
+def run_hooked(block: nn.Module, hidden: torch.Tensor, kwargs: dict, hooks: list) -> torch.Tensor:
+    """run_block with the hook handles `hooks` registered on block's modules, all removed afterwards (also when
+    the forward raises)."""
+    try:
+        return run_block(block, hidden, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def batched_kwargs(kwargs: dict, n: int, device: torch.device) -> dict:
     """kwargs captured for one sample -> on device, for n samples (n=1: just moved). Tensors of 2+ dims with
     leading dim 1 (position ids and embeddings, [1, 1, seq, seq] masks) are expanded as views: the samples

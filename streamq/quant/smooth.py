@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from streamq.forward import run_block
+from streamq.forward import run_block, run_hooked
 
 MIN_SCALE = 1e-5  # the reference's clamp of max|W| and of s
 
@@ -61,11 +61,7 @@ def find_mappings(block: nn.Module, x: torch.Tensor, kwargs: dict) -> list[Mappi
             hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: pre(name, m, a)))
         else:
             hooks.append(m.register_forward_hook(lambda m, a, o, name=name: post(name, m, a, o)))
-    try:
-        run_block(block, x, kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(block, x, kwargs, hooks)
     mappings = []
     for key, linears in read.items():
         norm = produced.get(key)

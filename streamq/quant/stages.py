@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from streamq.calib.capture import run_block
+from streamq.forward import run_hooked
 from streamq.moe import parallel_key
 
 # Most bytes of block intermediates kept between passes, all samples together (footprint.py counts them): at
@@ -87,11 +87,7 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
     for name, m in modules.items():
         hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: pre(name, m, a)))
         hooks.append(m.register_forward_hook(lambda m, a, o, name=name: post(name, m, a, o)))
-    try:
-        run_block(block, x, kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(block, x, kwargs, hooks)
     t.n_events = len(order)
     by_input: dict[int, list[str]] = {}
     for name in t.linears:
