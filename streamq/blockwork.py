@@ -17,17 +17,21 @@ from streamq.io.blocks import ModelLayout, load_block, release_block
 from streamq.io.checkpoint import Checkpoint
 from streamq.ignore import ignored_in_block
 from streamq.methods import QuantResult, get_method
+from streamq.moe import RoutedExperts
 from streamq.quant.autoround import autoround_block
 from streamq.quant.actquant import observing, scale_names
 from streamq.quant.actquant import scales as activation_scales
 from streamq.quant.block import LayerReport, quantize_block
+from streamq.quant.expert_scratch import ExpertScratch
+from streamq.quant.expert_stage import streaming, streams_experts
 from streamq.quant.smooth import smooth_block
 from streamq.quant.stages import KEEP_BYTES
 
 
 def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationStore | None, slot: str,
                kwargs: dict, cfg: QuantConfig, device: torch.device, dtype: torch.dtype,
-               lean: bool = False) -> tuple[dict[str, tuple[QuantResult, LayerReport]], dict[str, torch.Tensor]]:
+               lean: bool = False, scratch: Path | None = None,
+               run_key: str = "") -> tuple[dict[str, tuple[QuantResult, LayerReport]], dict[str, torch.Tensor]]:
     """Block i from its source weights on device: smoothed (cfg.smooth_alpha), quantized (its Linears hold the
     fake-quantized weights) and, with a store, its outputs on the samples of `slot` written to the other slot.
     Returns (results by Linear, the other tensors the output takes from this block by block-relative name: folded
@@ -35,12 +39,29 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
 
     lean (the out-of-memory retry, see fallback.py): Hessian work on the CPU, no block intermediates kept
     between passes (recomputed instead); AutoRound feeds half its minibatch per forward pass. Starting from the source weights makes a retry after a failure exact.
+
+    scratch: the block's folder for solved routed experts (quant/expert_scratch.py), keyed by run_key (the run
+    fingerprint). With it, a MoE block quantized with GPTQ or RTN streams its routed experts a group at a
+    time (quant/expert_stage.py) and the results of those are read back from the folder when packed.
     """
     release_block(layout, i)  # a failed attempt may have left the block half-quantized on another device
-    block = load_block(layout, ckpt, i, device, dtype)
-    kwargs = cast_floats(batched_kwargs(kwargs, 1, device), dtype)  # the CPU retry of a 16-bit run computes in fp32
     skip = ignored_in_block(layout, i, cfg)  # --ignore: these Linears run in fp and are not solved
     what = f"block {i + 1}/{layout.n_blocks}"
+    observe = bool(scale_names(layout.block_linears(i), cfg, what, skip))  # static activation / KV-cache scales
+    experts = [n for n, m in layout.layers[i].named_modules() if isinstance(m, RoutedExperts)]
+    if not (experts and scratch is not None and streams_experts(cfg) and not observe):
+        return _block_work(layout, ckpt, i, store, slot, kwargs, cfg, device, dtype, lean, skip, what, observe,
+                           load_block(layout, ckpt, i, device, dtype))
+    block = load_block(layout, ckpt, i, device, dtype, exclude=tuple(n + "." for n in experts))
+    keep = ExpertScratch(scratch, f"{run_key} {device.type} {dtype} lean={lean}")
+    with streaming(block, layout.block_prefix(i), ckpt, layout.source_name, keep, device, dtype, skip,
+                   cfg.moe_all_tokens):
+        return _block_work(layout, ckpt, i, store, slot, kwargs, cfg, device, dtype, lean, skip, what, observe, block)
+
+
+def _block_work(layout, ckpt, i, store, slot, kwargs, cfg, device, dtype, lean, skip, what, observe, block):
+    """block_work on the loaded block."""
+    kwargs = cast_floats(batched_kwargs(kwargs, 1, device), dtype)  # the CPU retry of a 16-bit run computes in fp32
     samples = None if store is None else \
         lambda: (x for _, x in to_device_ahead(store.iter_samples(slot), device, dtype, store))  # noqa: E731
     extra = {}  # tensors besides the Linears' that the output takes from this block (smooth.py, actquant.py)
@@ -65,7 +86,6 @@ def block_work(layout: ModelLayout, ckpt: Checkpoint, i: int, store: ActivationS
     # kept intermediates live where the store does: on disk a scratch file beside it (quant/kept.py), in RAM
     # within KEEP_BYTES (footprint.py counts either); the out-of-memory retry recomputes them
     spill = str(Path(store.path).parent) if store.path is not None and not lean else None
-    observe = bool(scale_names(layout.block_linears(i), cfg, what, skip))  # static activation / KV-cache scales
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device,
                              emit=None if observe else emit, keep_bytes=0 if lean else KEEP_BYTES // store.nsamples,
                              skip=skip, spill=spill)

@@ -48,24 +48,42 @@ class RoutedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        gate, up, down = self.names
         out = torch.zeros_like(hidden_states)
         routed, mids = [], []
         for e in range(self.n_experts):
-            if top_k_index.is_meta:  # traced on the meta device (streamq inspect): no routing, every token
-                token = torch.arange(top_k_index.shape[0], device="meta")
-                slot = torch.zeros_like(token)
-            else:
-                token, slot = torch.where(top_k_index == e)
-            expert = self._modules[str(e)]
-            x = hidden_states if self.all_tokens else hidden_states[token]
-            mids.append(self.act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x))
+            token, slot, x = routed_rows(hidden_states, top_k_index, e, self.all_tokens)
+            mids.append(expert_mid(self._modules[str(e)], self.names, self.act_fn, x))
             routed.append((token, slot))
         for e, (token, slot) in enumerate(routed):
-            y = getattr(self._modules[str(e)], down)(mids[e])
-            y = (y[token] if self.all_tokens else y) * top_k_weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
+            add_expert_output(out, self._modules[str(e)], self.names, mids[e], token, slot, top_k_weights,
+                              self.all_tokens)
         return out
+
+
+def routed_rows(hidden_states: torch.Tensor, top_k_index: torch.Tensor, e: int,
+                all_tokens: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, slot, x): the rows routed to expert e (top_k_index[token, slot] == e) and the rows the expert
+    computes on (those, or every row in the all-tokens calibration mode)."""
+    if top_k_index.is_meta:  # traced on the meta device (streamq inspect): no routing, every token
+        token = torch.arange(top_k_index.shape[0], device="meta")
+        slot = torch.zeros_like(token)
+    else:
+        token, slot = torch.where(top_k_index == e)
+    return token, slot, hidden_states if all_tokens else hidden_states[token]
+
+
+def expert_mid(expert: nn.Module, names: tuple[str, str, str], act_fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(gate(x)) * up(x): the down projection's input [rows, inter]."""
+    gate, up, _ = names
+    return act_fn(getattr(expert, gate)(x)) * getattr(expert, up)(x)
+
+
+def add_expert_output(out: torch.Tensor, expert: nn.Module, names: tuple[str, str, str], mid: torch.Tensor,
+                      token: torch.Tensor, slot: torch.Tensor, top_k_weights: torch.Tensor, all_tokens: bool) -> None:
+    """out[token] += w[token, slot] * down(mid) for the rows routed to the expert (in place, as index_add_)."""
+    y = getattr(expert, names[2])(mid)
+    y = (y[token] if all_tokens else y) * top_k_weights[token, slot, None]
+    out.index_add_(0, token, y.to(out.dtype))
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@ map from source tensors to the output tensors that stand for them, and a finishe
 in the layout format (a streamq.formats module)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from streamq.config import PACKABLE_BITS, QuantConfig
@@ -70,13 +72,21 @@ def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
                   cfg: QuantConfig, fmt=None, extra: dict | None = None) -> dict[str, torch.Tensor]:
     """Block i's output tensors: its Linears packed by layout format fmt (None = default_layout), the tensors
     in extra (block-relative name -> tensor: SmoothQuant's folded norms, in the source tensor's dtype, and the
-    activation scales) as given, everything else copied unchanged."""
+    activation scales) as given, everything else copied unchanged. Results read back on demand (streamed
+    experts' LazyResult, quant/expert_scratch.py) are packed when their tensors are taken from the returned
+    mapping (PackedLater), so the block's packed experts are never all in memory."""
     extra = extra or {}
     fmt = fmt or default_layout(cfg)
     prefix = layout.block_prefix(i)
-    out = {}
+    out, later = {}, {}
+    linears = layout.block_linears(i)
     for lin_name, (result, _) in results.items():
         stem = layout.source_name(f"{prefix}{lin_name}.weight")[: -len("weight")]
+        if hasattr(result, "load"):
+            lin = linears[lin_name]
+            for k, (shape, dtype) in fmt.linear_shapes(lin.out_features, lin.in_features, cfg).items():
+                later[stem + k] = (result, stem, k, dtype, tuple(shape))
+            continue
         for k, t in fmt.pack(result, cfg).items():
             out[stem + k] = t.cpu()
     packed_weights = {layout.source_name(f"{prefix}{n}.weight") for n in results}
@@ -87,7 +97,36 @@ def block_tensors(layout: ModelLayout, ckpt: Checkpoint, i: int, results: dict,
             out[name] = ckpt.get(name)
     for rel, t in extra.items():
         out.setdefault(prefix + rel, t.cpu())
-    return out
+    return PackedLater(out, later, fmt, cfg) if later else out
+
+
+class PackedLater(Mapping):
+    """A block's output tensors by name: `ready` as given, the tensors of the results in `later` (name ->
+    (result with load(), stem, packed tensor key, dtype, shape)) packed when taken, one Linear's at a time.
+    describe() gives every tensor's (dtype, shape) without packing (io/writer.py checks the plan with it)."""
+
+    def __init__(self, ready: dict, later: dict, fmt, cfg: QuantConfig):
+        self.ready, self.later, self.fmt, self.cfg = ready, later, fmt, cfg
+        self._stem, self._packed = None, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.ready:
+            return self.ready[name]
+        result, stem, key, _, _ = self.later[name]
+        if stem != self._stem:
+            self._stem, self._packed = stem, {}  # the previous Linear's tensors go first
+            self._packed = {k: t.cpu() for k, t in self.fmt.pack(result.load(), self.cfg).items()}
+        return self._packed[key]
+
+    def __iter__(self):
+        return iter([*self.ready, *self.later])
+
+    def __len__(self) -> int:
+        return len(self.ready) + len(self.later)
+
+    def describe(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {**{n: (t.dtype, tuple(t.shape)) for n, t in self.ready.items()},
+                **{n: (d, s) for n, (_, _, _, d, s) in self.later.items()}}
 
 
 def source_map(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, fmt=None) -> dict[str, list[str]]:

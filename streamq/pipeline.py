@@ -1,6 +1,9 @@
 """compress(): the only loop over decoder blocks, and the only place the pieces are tied together."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -105,7 +108,9 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     plan = {**writer.plan(), "source": source_map(layout, ckpt, cfg, fmt)}
     files = [*writer.names, *(n + ".partial" for n in writer.names), INDEX, "config.json", REPORT, WORK_DIR,
              *TOKENIZER_FILES, *exports]
-    manifest = open_output(out, fingerprint(ckpt, cfg, opts, tokens, dtype), plan, files, opts.resume)  # 3
+    run_fingerprint = fingerprint(ckpt, cfg, opts, tokens, dtype)
+    manifest = open_output(out, run_fingerprint, plan, files, opts.resume)  # 3
+    run_key = hashlib.sha256(json.dumps(run_fingerprint, sort_keys=True).encode()).hexdigest()  # expert scratch
     ckpt.check_digests(manifest.get("source_sha256", {}) if not manifest["complete"] else {})
     settle_written_units(layout, ckpt, cfg, writer, manifest, fmt)
     check_written_units(writer, manifest, plan["source"])
@@ -136,7 +141,8 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
             slot = manifest["slot"]
             planned = CPU if i in opts.cpu_blocks else device
             work = lambda dev, lean: block_work(layout, ckpt, i, store, slot, kwargs[i], cfg, dev,  # noqa: E731
-                                                attempt_dtype(dev, planned, dtype), lean)
+                                                attempt_dtype(dev, planned, dtype), lean, expert_scratch(out, i),
+                                                run_key)
             reset_peak_vram(device)
             results, extra = with_fallback(work, planned, f"block {i + 1}/{layout.n_blocks}")
             io_wait += writes.wait()  # block i - 1 is on disk: the manifest and the writer are ours again
@@ -170,6 +176,9 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     progress.close()
 
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device, fmt)  # 6
+    shutil.rmtree(out / WORK_DIR / "experts", ignore_errors=True)
+    with contextlib.suppress(OSError):  # the work folder of a data-free run held only that
+        (out / WORK_DIR).rmdir()
     if store is not None and not opts.keep_activations:
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
@@ -181,6 +190,12 @@ def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors
     """Write block i's tensors into their shard, then the manifest that records it (data first)."""
     manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", tensors)
     write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(expert_scratch(out, i), ignore_errors=True)  # the block's solved experts are in its shard now
+
+
+def expert_scratch(out: Path, i: int) -> Path:
+    """Block i's folder of solved routed experts (quant/expert_scratch.py), while the block is unrecorded."""
+    return out / WORK_DIR / "experts" / f"block.{i}"
 
 
 def layer_records(results: dict, cfg: QuantConfig) -> dict[str, dict]:

@@ -137,18 +137,25 @@ def test_gptq_output_loads_to_reference_logits_and_perplexity_equals_transformer
 
 
 def test_expert_groups_share_two_hessian_passes(built, tmp_path, monkeypatch):
-    """Every expert's gate/up is one Hessian pass, every expert's down the next (not two passes per expert)."""
+    """Whole-block path (experts not streamed): every expert's gate/up is one Hessian pass, every expert's down
+    the next (not two passes per expert). Streamed (the default): the routed experts are one leaf, one pass."""
+    import streamq.blockwork as blockwork
     import streamq.quant.block as qblock
 
     passes, traces, real = [], [], qblock.plan
     monkeypatch.setattr(qblock, "plan", lambda t, *a: traces.append(t) or passes.append(real(t, *a).passes)
                         or real(t, *a))
     src = built[0]("mixtral")
-    streamq.compress(src, tmp_path / "o", calib=str(src / "calib.txt"), nsamples=1, seqlen=SEQ, progress=False,
-                     **GPTQ)
+    run = lambda out: streamq.compress(src, tmp_path / out, calib=str(src / "calib.txt"), nsamples=1,  # noqa: E731
+                                       seqlen=SEQ, progress=False, **GPTQ)
+    run("streamed")
+    attention = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    assert [[n for g in p for n in g] for p in passes[1]] == [*attention, ["mlp.experts"]]
+    passes.clear(), traces.clear()
+    monkeypatch.setattr(blockwork, "streams_experts", lambda cfg: False)
+    run("whole")
     flat = [[n for g in p for n in g] for p in passes[1]]
-    assert flat == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                    [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w3")],
+    assert flat == [*attention, [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w3")],
                     [f"mlp.experts.{e}.w2" for e in range(4)]]
     # within a Hessian budget of two experts' gate/up (fp32 [64, 64] each) and three downs ([32, 32])
     capped = [[n for g in p for n in g] for p in sequential_passes(traces[1], budget=2 * 4 * 64 ** 2)]

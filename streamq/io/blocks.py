@@ -162,15 +162,18 @@ def find_decoder(model: nn.Module, path: str, where: str) -> tuple[str, nn.Modul
 
 
 def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelLayout,
-                device: torch.device, dtype: torch.dtype) -> nn.Module:
+                device: torch.device, dtype: torch.dtype, exclude: tuple[str, ...] = ()) -> nn.Module:
     """Give a meta submodule real tensors: its checkpoint tensors (cast to dtype) and its computed buffers.
 
     prefix: the submodule's name in the checkpoint plus "." ("" for the whole model). Tied weights that the
-    checkpoint omits (lm_head when tie_word_embeddings) are taken from their source tensor.
+    checkpoint omits (lm_head when tie_word_embeddings) are taken from their source tensor. Parameters whose
+    names start with one of `exclude` stay on the meta device (streamed experts, quant/expert_stage.py).
     """
     tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
     state, loaded = {}, {}
     for name, _ in module.named_parameters(remove_duplicate=False):
+        if name.startswith(exclude):
+            continue
         full = layout.source_name(prefix + name)
         if full not in ckpt.tensors and full in tied and getattr(layout.config, "tie_word_embeddings", False):
             full = tied[full]
@@ -184,7 +187,7 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelL
     module.load_state_dict(state, strict=False, assign=True)
     ckpt.close()
     for name, p in module.named_parameters(remove_duplicate=False):
-        if p.is_meta:
+        if p.is_meta and not name.startswith(exclude):
             raise StreamqError(f"{ckpt.folder}: tensor {layout.source_name(prefix + name)} is missing from the checkpoint")
     compute_buffers(module, prefix, layout, device, str(ckpt.folder))
     return module
@@ -220,9 +223,11 @@ _UNSET = {dt: torch.iinfo(dt).min for dt in (torch.int8, torch.int16, torch.int3
 _UNSET[torch.bool] = False
 
 
-def load_block(layout: ModelLayout, ckpt: Checkpoint, i: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Materialize decoder block i on device; returns the block module (still owned by the skeleton)."""
-    return materialize(layout.layers[i], layout.block_prefix(i), ckpt, layout, device, dtype)
+def load_block(layout: ModelLayout, ckpt: Checkpoint, i: int, device: torch.device, dtype: torch.dtype,
+               exclude: tuple[str, ...] = ()) -> nn.Module:
+    """Materialize decoder block i on device (but the parameters under `exclude`, block-relative prefixes);
+    returns the block module (still owned by the skeleton)."""
+    return materialize(layout.layers[i], layout.block_prefix(i), ckpt, layout, device, dtype, exclude)
 
 
 def release_block(layout: ModelLayout, i: int) -> None:

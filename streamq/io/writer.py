@@ -5,7 +5,8 @@ the non-block tensors) goes to and at which byte offset. Each shard's safetensor
 first unit arrives; each unit's bytes are written at their planned offset, fsynced, and hashed for the
 manifest. A shard lives under `NAME.partial` until its last unit is durable, then is renamed into place, so
 a shard with its final name is always complete. Re-writing a unit at its offset (after a crash) is idempotent.
-Memory: one tensor at a time.
+Memory: one tensor at a time (a unit's tensors may be a lazy mapping, outputs.PackedLater, computing each when
+taken).
 
 Units sized by their data (SpQR blocks: the outlier tensors' lengths are known only once the block is
 quantized) follow one rule: such a unit is planned into a shard of its own, so the number and names of the
@@ -180,7 +181,8 @@ class ShardWriter:
         if key not in self.place:
             raise RuntimeError(f"unit {key} is sized by its data: settle() it before writing it")
         shard, begin, end = self.place[key]
-        got = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+        got = tensors.describe() if hasattr(tensors, "describe") else \
+            {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}  # describe(): a lazy mapping (outputs.py)
         want = {s.name: (s.dtype, s.shape) for s in unit.specs}
         if got != want:
             raise RuntimeError(f"unit {key}: tensors differ from the plan: {sorted(set(got.items()) ^ set(want.items()))[:4]}")
@@ -195,7 +197,11 @@ class ShardWriter:
                 f.write(self.headers[shard])
                 f.seek(begin)
                 for spec in unit.specs:
-                    data = tensor_bytes(tensors[spec.name])
+                    t = tensors[spec.name]
+                    if (t.dtype, tuple(t.shape)) != (spec.dtype, spec.shape):
+                        raise RuntimeError(f"unit {key}: {spec.name} is {t.dtype} {list(t.shape)}, planned "
+                                           f"{spec.dtype} {list(spec.shape)}")
+                    data = tensor_bytes(t)
                     f.write(data)
                     digest.update(data)
                 f.truncate(end)

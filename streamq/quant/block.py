@@ -20,6 +20,7 @@ from streamq.config import QuantConfig
 from streamq.forward import run_block
 from streamq.methods import QuantResult, get_method
 from streamq.moe import all_tokens
+from streamq.quant.expert_stage import InputsKept, StreamedExperts, dry_run, solve_experts, streamed_experts
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.kept import close_kept, new_kept
 from streamq.quant.spqr import SpQRResult
@@ -48,22 +49,24 @@ class _StopForward(Exception):
 @torch.no_grad()
 def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwargs: dict, device: torch.device,
              hessian_device: torch.device, kept: dict[str, list], emit: Callable | None,
-             tokens: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+             tokens: dict[str, int] | None = None, spill=None) -> dict[str, torch.Tensor]:
     """Pass j of plan p over the samples: p.replay[j] replaced by their kept outputs, the outputs p.record[j]
     and the inputs of the tails p.build[j] kept (into `kept`), pass j's Hessians collected (H [in, in] fp32 on
     hessian_device, one per input tensor, by Linear name) or, in the last pass, each output handed to emit.
-    tokens: filled with the tokens each of pass j's Linears saw (a routed expert sees only its own)."""
+    tokens: filled with the tokens each of pass j's Linears saw (a routed expert sees only its own). A
+    StreamedExperts in pass j gets its call arguments per sample instead of a Hessian (kept.py list; spill: its folder)."""
     modules = dict(block.named_modules())
     groups = p.passes[j] if j < len(p.passes) else []
-    accs = [HessianAccumulator(modules[g[0]].in_features, hessian_device) for g in groups]
-    builds = [[m for m, b in p.build.items() if b == j and t.tails[m] in g] for g in groups]
+    accs = [InputsKept(spill) if isinstance(modules[g[0]], StreamedExperts) else
+            HessianAccumulator(modules[g[0]].in_features, hessian_device) for g in groups]
+    builds = [[m for m, b in p.build.items() if b == j and t.tails[m] in g and t.tails[m] != m] for g in groups]
     pending: set[int] = set()
     seen = [0] * len(groups)
     at = [0]  # the sample being run, for the stand-ins
 
     def hook_for(k):
         def pre_hook(module, args):
-            accs[k].add(args[0])
+            accs[k].add(args if isinstance(accs[k], InputsKept) else args[0])
             seen[k] += args[0].numel() // max(1, args[0].shape[-1])
             for m in builds[k]:
                 kept[m].append(args[0])
@@ -102,7 +105,7 @@ def build_tails(block: nn.Module, t: Trace, p: Plan, j: int, kept: dict[str, lis
     """After pass j's solve: each tail built in pass j becomes its (now quantized) Linear applied to the kept
     input, shaped as the module returns it; the inputs are dropped (spill: the scratch folder of kept.py)."""
     for m, b in p.build.items():
-        if b == j:
+        if b == j and t.tails[m] != m:  # a StreamedExperts' outputs come from its solve
             linear = block.get_submodule(t.tails[m])
             n, outs = t.tail_len[m], new_kept(spill)
             for x in kept[m]:
@@ -154,6 +157,8 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
     if not get_method(cfg.method).calibrated:  # data-free (RTN): no Hessians, no passes
         results = {n: quantize_linear(m, None, cfg) for n, m in modules.items()
                    if isinstance(m, nn.Linear) and n not in skip}
+        for m in streamed_experts(block).values():
+            results.update(solve_experts(m, None, cfg, device, False, quantize=quantize_linear)[0])
         if emit is not None:
             for x in samples():
                 emit(run_block(block, x.to(device), kwargs))
@@ -165,17 +170,28 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
 
 def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip, spill):
     """quantize_block's true-sequential passes (MoE experts in the calibration mode cfg asks for)."""
-    t = trace(block, next(iter(samples())).to(device), kwargs)
+    with dry_run(block):
+        t = trace(block, next(iter(samples())).to(device), kwargs)
     p = plan(t, cfg.true_sequential, None if spill is not None else keep_bytes)
     kept = {m: new_kept(spill) for m in [*p.record, *p.build]}
     last_use = {m: max(j for j, r in enumerate(p.replay) if m in r) for m in kept}
     results, tokens = {}, {}
     try:
         for j in range(len(p.passes) + (emit is not None)):
-            hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit, tokens)
+            hessians = run_pass(block, t, p, j, samples, kwargs, device, hessian_device or device, kept, emit, tokens,
+                                spill)
             for name in (n for g in p.passes[j] for n in g) if j < len(p.passes) else ():
                 H = hessians.pop(name)
-                if name not in skip:
+                if isinstance(modules[name], StreamedExperts):  # its experts solved a group at a time
+                    built = p.build.get(name) == j  # its outputs are kept: the solve computes them
+                    solved, outputs = solve_experts(modules[name], H, cfg, hessian_device or device, built, spill,
+                                                    quantize_linear)
+                    results.update(solved)
+                    close_kept(H)
+                    if built:
+                        close_kept(kept[name])
+                        kept[name] = outputs
+                elif name not in skip:
                     results[name] = quantize_linear(modules[name], H, cfg,
                                                     tokens[name] if name in t.parallel else None)
             build_tails(block, t, p, j, kept, spill)

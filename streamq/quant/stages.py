@@ -23,6 +23,7 @@ from torch import nn
 
 from streamq.forward import run_hooked
 from streamq.moe import parallel_key
+from streamq.quant.expert_stage import StreamedExperts
 
 # Most bytes of block intermediates kept between passes, all samples together (footprint.py counts them): at
 # SmolLM2-135M width (32 x 512 tokens) everything fits (~140 MB fp32); at 7B width (128 x 2048, bf16) the
@@ -63,11 +64,11 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
         t.calls[name] = t.calls.get(name, 0) + 1
         t.start.setdefault(name, len(order))
         order.append(name)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, StreamedExperts)):  # a leaf: streamed experts are solved as one
             t.linears.append(name)
             t.in_features[name] = module.in_features
-            inputs[name] = args[0]
-            t.in_bytes[name] = args[0].numel() * args[0].element_size()
+            inputs[name] = args[0] if isinstance(module, nn.Linear) else name  # a leaf is a group of its own
+            t.in_bytes[name] = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
 
     def post(name, module, args, out):
         t.end.setdefault(name, len(order))
@@ -76,6 +77,9 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
         t.out_bytes[name] = sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
         if isinstance(module, nn.Linear):
             outputs[name] = out
+            return
+        if isinstance(module, StreamedExperts):  # its output is built by its solve (expert_stage.py)
+            t.tails[name], t.tail_len[name] = name, 0
             return
         inner = [n for n in t.linears if t.start[n] > t.start[name]]
         if inner and isinstance(parts[0], torch.Tensor) and parts[0] is outputs.get(inner[-1]) \
@@ -172,7 +176,7 @@ def _simulate(t: Trace, passes, stops, forbidden: set[str]) -> Plan:
         if j < len(passes):
             for m, lin in t.tails.items():
                 if (m in candidates and m not in avail and group_of[lin] == j and final_from(m) == j + 1
-                        and input_final(lin, j) and t.start[m] < stop and not covered(m)):
+                        and input_final(lin, j) and t.start[m] <= stop and not covered(m)):
                     p.build[m], avail[m] = j, j + 1
     used = {m for r in p.replay for m in r}
     p.record = {m: j for m, j in p.record.items() if m in used}
