@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from streamq.config import QuantConfig
+from streamq.quant.expert_stage import experts_per_group, streams_experts
 from streamq.quant.stages import EXPERT_PASS_BYTES
 from streamq.io.blocks import ModelLayout, block_names, non_block_names
 from streamq.io.checkpoint import DTYPES, Checkpoint
@@ -91,8 +92,11 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
     for i in range(layout.n_blocks):
         names = block_names(layout, ckpt, i)
         linears = {n: (m.out_features, m.in_features) for n, m in layout.block_linears(i).items()}
-        blocks.append({"weight_bytes": sum(map(in_compute, names)), "read_bytes": max(map(as_read, names), default=0),
-                       "linears": linears, "groups": hessian_groups(linears, cfg.true_sequential)})
+        b = {"weight_bytes": sum(map(in_compute, names)), "read_bytes": max(map(as_read, names), default=0),
+             "linears": linears, "groups": hessian_groups(linears, cfg.true_sequential)}
+        if streams_experts(cfg):
+            b.update(streamed_experts_facts(layout, i, b, c, in_compute, opts))
+        blocks.append(b)
     # stage 4 materializes the decoder without its blocks (embeddings, positions, final norm)
     layers = next(n for n, m in layout.decoder.named_modules() if m is layout.layers) + "."
     decoder = next(n for n, m in layout.model.named_modules() if m is layout.decoder) + "."
@@ -118,11 +122,53 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         "sample_bytes": opts.seqlen * hidden * c,
         "fwd_bytes": opts.seqlen * (8 * hidden + 4 * inter) * c,
         "output_bytes": output,
-        "pending_bytes": max((u.nbytes for k, u in writer.units.items() if k.startswith("block.")), default=0),
+        "pending_bytes": max((pending_bytes(layout, blocks, k, u) for k, u in writer.units.items()
+                              if k.startswith("block.")), default=0),
+        "scratch_bytes": max((sum(o * i + 5 * o * math.ceil(i / max(1, cfg.group_size)) + 4 * i
+                                  for o, i in (b["linears"][n] for n in b.get("experts", ()))) for b in blocks),
+                             default=0),
         "kept_bytes": opts.nsamples * opts.seqlen * (hidden + inter) * c
         if get_method(cfg.method).footprint == "gptq" and cfg.true_sequential else 0,
         "samples_per_forward": min(cfg.batch_size, opts.nsamples) if get_method(cfg.method).footprint == "autoround" else 1,
     }
+
+
+def pending_bytes(layout: ModelLayout, blocks: list[dict], key: str, unit) -> int:
+    """A block's packed bytes held while the write-behind writes it: all of them, but of streamed experts
+    (packed from the scratch one Linear at a time, outputs.PackedLater) only the largest Linear's."""
+    i = int(key.split(".")[1])
+    stems = {layout.source_name(f"{layout.block_prefix(i)}{n}.weight")[:-len("weight")]
+             for n in blocks[i].get("experts", ())}
+    per: dict[str, int] = {}
+    for spec in unit.specs:
+        stem = spec.name.rsplit(".", 1)[0] + "."
+        if stem in stems:
+            per[stem] = per.get(stem, 0) + spec.nbytes
+    return unit.nbytes - sum(per.values()) + max(per.values(), default=0)
+
+
+def streamed_experts_facts(layout: ModelLayout, i: int, b: dict, c: int, in_compute, opts: RunOptions) -> dict:
+    """Block i's terms when its routed experts are streamed (quant/expert_stage.py; {} for a block without):
+    its weights are the rest of the block plus one group of experts, its Hessian groups the rest's plus one
+    group of experts' ("experts": Linear names, "expert_hessians": bytes), the experts' results are not kept
+    (R counts the rest's); their inputs (hidden, top-k index and weights, "expert_inputs") are kept per sample
+    and their output (a kept output, K) accumulated per sample."""
+    from streamq.moe import is_expert_linear
+
+    block, prefix = layout.layers[i], layout.block_prefix(i)
+    experts = [n for n in b["linears"] if is_expert_linear(n, block)]
+    if not experts:
+        return {}
+    inter, hidden = b["linears"][experts[0]]
+    per = min(experts_per_group(hidden, inter, c), len(experts) // 3)
+    top_k = getattr(layout.config, "num_experts_per_tok", 8)
+    rest = set(b["linears"]) - set(experts)
+    weights = sum(in_compute(layout.source_name(f"{prefix}{n}.weight")) for n in experts)
+    tokens = opts.nsamples * opts.seqlen
+    return {"weight_bytes": b["weight_bytes"] - weights + per * 3 * hidden * inter * c,
+            "groups": [g for g in ([n for n in g if n in rest] for g in b["groups"]) if g],
+            "experts": experts, "expert_hessians": per * 4 * (hidden ** 2 + inter ** 2),
+            "expert_inputs": tokens * (hidden * c + top_k * (8 + c)), "expert_outputs": tokens * hidden * c}
 
 
 def hessian_groups(linears: dict[str, tuple[int, int]], true_sequential: bool) -> list[list[str]]:
@@ -184,13 +230,22 @@ def block_bytes(b: dict, f: dict, method: str, seqlen: int, offload: str = "ram"
         phases = [max(solver_bytes("rtn", o, i, c) for o, i in b["linears"].values())]
     else:
         keep = min(f["kept_bytes"], KEEP_BYTES) if offload == "ram" else 0
+        experts = set(b.get("experts", ()))
+        if experts and offload == "ram":  # the streamed experts' inputs and summed outputs, every sample
+            keep += b["expert_inputs"] + b["expert_outputs"]
+        params = sum(o * i for n, (o, i) in b["linears"].items() if n not in experts)  # experts go to the scratch
         results = params * (1 + (4 if c != 4 else 0)) + keep  # R + K
-        phases = []
+        phases, helds = [], []
         for group in b["groups"]:
             held = sum(b["linears"][n][1] ** 2 * 4 for n in group)
             in_max = max(b["linears"][n][1] for n in group)
             phases.append(held + fwd + 2 * seqlen * in_max * 4 + results)
             phases.append(held + max(solver_bytes(method, *b["linears"][n], c) for n in group) + results)
+            helds.append(held)
+        if experts:  # one group of experts at a time (one group of the rest may still hold its Hessians)
+            held = b["expert_hessians"] + (helds[0] if len(helds) == 1 else 0)
+            phases.append(held + fwd + results)
+            phases.append(held + max(solver_bytes(method, *b["linears"][n], c) for n in experts) + results)
     return int(BLOCK_SLACK * (b["weight_bytes"] + max(b["read_bytes"], *phases)))
 
 
@@ -219,7 +274,8 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
     return {
         "ram": baseline + RUN_OVERHEAD + store_ram + max(ram) + f["pending_bytes"] + (CUDA_HOST_OVERHEAD if cuda else 0),
         "vram": max(vram) + VRAM_RESERVE if vram else 0,
-        "disk": f["output_bytes"] + (f["slots"] * f["slot_bytes"] + f["kept_bytes"] if offload == "disk" else 0),
+        "disk": f["output_bytes"] + f["scratch_bytes"]
+        + (f["slots"] * f["slot_bytes"] + f["kept_bytes"] if offload == "disk" else 0),
         "blocks": blocks,
     }
 

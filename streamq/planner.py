@@ -113,7 +113,7 @@ def make_plan(model, cfg: QuantConfig, opts: RunOptions, max_ram: int | None = N
     for i, (b, (peak, on)) in enumerate(zip(f["blocks"], p["blocks"])):
         name, (out, inp) = max(b["linears"].items(), key=lambda kv: (kv[1][1], kv[1][0]))
         held = 0 if method.footprint in ("rtn", "autoround") else max(
-            sum(b["linears"][n][1] ** 2 * 4 for n in g) for g in b["groups"])
+            [sum(b["linears"][n][1] ** 2 * 4 for n in g) for g in b["groups"]] + [b.get("expert_hessians", 0)])
         blocks.append(BlockPlan(i, b["weight_bytes"], name, (out, inp), inp * inp * 4, held, peak, on))
     estimate, basis = None, ""
     if benchmark:

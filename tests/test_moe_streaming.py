@@ -80,8 +80,9 @@ def test_streamed_equals_whole_block(sources, one_thread, tmp_path, monkeypatch,
 @pytest.mark.parametrize("keep", ["ram", "none"])
 def test_streamed_equals_whole_block_in_ram_and_without_kept_outputs(sources, one_thread, tmp_path, monkeypatch, keep):
     """Activations in RAM (kept outputs in RAM), and with no room to keep anything (as the out-of-memory retry:
-    the block runs the streamed experts itself, one expert at a time, in every later pass)."""
-    src = sources("deepseek_v3")
+    the block runs the streamed experts itself, one expert at a time, in every later pass). Mixtral: block 0's
+    experts' outputs are block 1's inputs."""
+    src = sources("mixtral")
     whole = whole_block(monkeypatch, lambda: compress(src, tmp_path / "whole", offload="ram", **GPTQ))
     if keep == "none":
         monkeypatch.setattr(blockwork, "KEEP_BYTES", 0)
@@ -90,8 +91,9 @@ def test_streamed_equals_whole_block_in_ram_and_without_kept_outputs(sources, on
 
 
 def test_killed_between_experts_resumes_byte_identical(sources, one_thread, tmp_path, monkeypatch):
-    """Killed after the 2nd expert of block 1 is saved: the resumed run reads experts 0-1 back (not solved again),
-    solves 2-3 and its output equals an uninterrupted run's."""
+    """Killed after the 2nd expert of block 0 is saved: the resumed run reads experts 0-1 back (not solved again),
+    solves 2-3 and its output (block 1 is solved on block 0's outputs, which the saved experts' weights make)
+    equals an uninterrupted run's."""
     src = sources("mixtral")
     whole = compress(src, tmp_path / "whole", **GPTQ)
     monkeypatch.setattr(expert_stage, "GROUP_BYTES", 1)
@@ -100,16 +102,16 @@ def test_killed_between_experts_resumes_byte_identical(sources, one_thread, tmp_
     def save(self, e, *a):
         real_save(self, e, *a)
         saved.append((self.folder.name, e))
-        if saved[-1] == ("block.1", 1):
+        if saved[-1] == ("block.0", 1):
             raise KeyboardInterrupt
     monkeypatch.setattr(ExpertScratch, "save", save)
     with pytest.raises(KeyboardInterrupt):
         compress(src, tmp_path / "cut", **GPTQ)
-    scratch = tmp_path / "cut" / ".streamq-work" / "experts" / "block.1"
+    scratch = tmp_path / "cut" / ".streamq-work" / "experts" / "block.0"
     assert sorted(p.name for p in scratch.glob("expert.*")) == ["expert.0.safetensors", "expert.1.safetensors"]
     saved.clear()
     compress(src, tmp_path / "cut", **GPTQ)
-    assert saved == [("block.1", 2), ("block.1", 3)]
+    assert saved == [("block.0", 2), ("block.0", 3), *(("block.1", e) for e in range(4))]
     assert snapshot(tmp_path / "cut") == snapshot(whole)
     assert not (tmp_path / "cut" / ".streamq-work").exists()
 
@@ -163,6 +165,25 @@ def test_peak_rss_flat_in_expert_count(tmp_path):
     kw = dict(arch="qwen3_moe", n_layers=1, shards=1, hidden=512, inter=256, dtype=torch.float16)
     few = make_tiny_model(tmp_path / "e8", experts=8, **kw)
     many = make_tiny_model(tmp_path / "e64", experts=64, **kw)
-    group = 8 * (3 * 512 * 256 * 4 + 4 * (512 ** 2 + 256 ** 2))  # expert_stage.StreamedExperts.shape, fp32
+    group = 8 * expert_stage.expert_bytes(512, 256, 4)  # compute in fp32 on the CPU
     rss8, rss64 = peak_rss(few, tmp_path / "o8", group), peak_rss(many, tmp_path / "o64", group)
     assert rss64 <= rss8 + (24 << 20), (rss8 >> 20, rss64 >> 20)
+
+
+def test_plan_counts_one_expert_group_not_all_experts(tmp_path, monkeypatch):
+    """`streamq plan`: a streamed MoE block's weights, Hessians and peak are those of the rest of the block and
+    one group of experts (8 here) whatever the expert count (but for the router's rows); SpQR (whole block)
+    grows with it."""
+    kw = dict(arch="qwen3_moe", n_layers=1, shards=1, hidden=128, inter=64)
+    few = make_tiny_model(tmp_path / "e8", experts=8, **kw)
+    many = make_tiny_model(tmp_path / "e64", experts=64, **kw)
+    monkeypatch.setattr(expert_stage, "GROUP_BYTES", 8 * expert_stage.expert_bytes(128, 64, 4))
+
+    def block(model, method):
+        b = streamq.plan(model, method=method, nsamples=2, seqlen=32, group_size=32).blocks[0]
+        return b.weight_bytes, b.hessians_at_once_bytes, b.peak_bytes
+    router = 56 * 128 * 4  # the router's weight [experts, hidden] grows with the count (fp32 on the CPU)
+    for method in ("gptq", "rtn"):
+        (w8, h8, p8), (w64, h64, p64) = block(few, method), block(many, method)
+        assert (w64 - w8, h64 - h8) == (router, 0) and p64 - p8 <= 1.25 * router + 1
+    assert block(many, "spqr")[0] > block(few, "spqr")[0] + 56 * 3 * 128 * 64 * 4 - 1

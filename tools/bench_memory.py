@@ -177,13 +177,43 @@ def run(model: Path, out: Path, budget: int, a: argparse.Namespace) -> dict:
 
 
 def plan_moe(model: Path, a: argparse.Namespace) -> None:
-    """Print `streamq plan` of model under --max-ram / --max-vram (--device as given)."""
+    """Print `streamq plan` of model under --max-ram / --max-vram (--device as given; --device cuda where torch
+    sees no GPU: the planner's footprint model evaluated for a CUDA device in bfloat16, see plan_as_cuda)."""
+    import torch
+
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        return plan_as_cuda(model, a)
     args = [sys.executable, "-m", "streamq.cli", "plan", str(model), "--nsamples", str(a.nsamples), "--seqlen",
             str(a.seqlen), "--no-benchmark", "--device", a.device]
     args += ["--max-ram", str(a.max_ram)] if a.max_ram else []
     args += ["--max-vram", str(a.max_vram)] if a.max_vram else []
     r = subprocess.run(args, capture_output=True, text=True)
     print(f"$ streamq plan {model.name} ... (exit {r.returncode})\n{r.stdout}{r.stderr}")
+
+
+def plan_as_cuda(model: Path, a: argparse.Namespace) -> None:
+    """streamq.footprint's prediction for model on a CUDA device in bfloat16 (no GPU needed: it is arithmetic
+    on the shapes), with the blocks that do not fit --max-vram planned on the CPU as the planner does."""
+    import psutil
+    import torch
+
+    from streamq import footprint
+    from streamq.config import QuantConfig
+    from streamq.io.blocks import build_layout
+    from streamq.io.checkpoint import Checkpoint
+    from streamq.options import RunOptions
+
+    ckpt = Checkpoint(model)
+    cfg, opts = QuantConfig(group_size=128), RunOptions(nsamples=a.nsamples, seqlen=a.seqlen)
+    f = footprint.facts(build_layout(ckpt), ckpt, cfg, torch.bfloat16, opts)
+    p = footprint.predict(f, "gptq", a.seqlen, torch.device("cuda"), "disk", psutil.Process().memory_info().rss,
+                          a.max_vram)
+    GB = 10**9
+    print(f"$ footprint of {model.name} on cuda in bfloat16, {a.nsamples} x {a.seqlen} tokens, offload disk, "
+          f"--max-vram {a.max_vram / GB if a.max_vram else 0:.1f} GB (no GPU here: the planner's model alone)")
+    for i, (b, (peak, on)) in enumerate(zip(f["blocks"], p["blocks"])):
+        print(f"  block {i}: weights {b['weight_bytes'] / GB:.2f} GB, peak {peak / GB:.2f} GB on {on}")
+    print(f"  peak RAM {p['ram'] / GB:.2f} GB, peak VRAM {p['vram'] / GB:.2f} GB, peak disk {p['disk'] / GB:.2f} GB")
 
 
 def main() -> None:

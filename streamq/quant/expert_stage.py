@@ -26,7 +26,6 @@ from torch import nn
 
 from streamq.config import QuantConfig
 from streamq.io.checkpoint import Checkpoint
-from streamq.methods import get_method
 from streamq.moe import RoutedExperts, add_expert_output, expert_mid, routed_rows
 from streamq.quant.expert_scratch import ExpertScratch
 from streamq.quant.hessian import HessianAccumulator
@@ -43,6 +42,16 @@ def streams_experts(cfg: QuantConfig) -> bool:
     """Whether a MoE block's routed experts are streamed under cfg (else the block is materialized whole:
     SpQR / SparseGPT results, AutoRound's whole-block tuning, SmoothQuant's folding into the experts)."""
     return cfg.method in STREAMED_METHODS and cfg.smooth_alpha is None
+
+
+def expert_bytes(hidden: int, inter: int, c: int) -> int:
+    """Bytes one expert holds while its group is solved: weights [inter, hidden] x 3 in the compute dtype
+    (itemsize c) and its two fp32 Hessians (gate/up [hidden, hidden], down [inter, inter])."""
+    return 3 * hidden * inter * c + 4 * (hidden ** 2 + inter ** 2)
+
+
+def experts_per_group(hidden: int, inter: int, c: int) -> int:
+    return max(1, GROUP_BYTES // expert_bytes(hidden, inter, c))
 
 
 class StreamedExperts(nn.Module):
@@ -66,15 +75,15 @@ class StreamedExperts(nn.Module):
         """Block-relative names of expert e's Linears (gate, up, down), e.g. "mlp.experts.3.w1"."""
         return [f"{self.prefix}{e}.{n}" for n in self.names]
 
-    def shape(self, e: int) -> tuple[int, int, int]:
-        """(hidden, inter, bytes of its weights in the compute dtype + fp32 Hessians) of one expert."""
+    def shape(self, e: int) -> tuple[int, int]:
+        """(hidden, inter) of expert e."""
         gate = getattr(self.meta._modules[str(e)], self.names[0])
-        hidden, inter = gate.in_features, gate.out_features
-        return hidden, inter, 3 * hidden * inter * self.dtype.itemsize + 4 * (hidden ** 2 + inter ** 2)
+        return gate.in_features, gate.out_features
 
-    def groups(self, budget: int | None = None) -> list[list[int]]:
+    def groups(self) -> list[list[int]]:
         """Consecutive experts, as many per group as fit GROUP_BYTES (at least one)."""
-        per = max(1, (GROUP_BYTES if budget is None else budget) // self.shape(0)[2])
+        hidden, inter = self.shape(0)
+        per = experts_per_group(hidden, inter, self.dtype.itemsize)
         return [list(range(k, min(k + per, self.n_experts))) for k in range(0, self.n_experts, per)]
 
     def materialize(self, e: int) -> nn.Module:
@@ -172,7 +181,7 @@ def _solve_group(m: StreamedExperts, experts: dict[int, nn.Module], inputs, cfg:
             for proj in m.names:
                 solve(e, proj)
     else:
-        hidden, inter, _ = m.shape(0)
+        hidden, inter = m.shape(0)
         gu = {e: HessianAccumulator(hidden, hdev) for e in experts}
         dn = {e: HessianAccumulator(inter, hdev) for e in experts}
         tokens = dict.fromkeys(experts, 0)
@@ -235,6 +244,3 @@ def streaming(block: nn.Module, prefix: str, ckpt: Checkpoint, source_name: Call
             swap(block, name, meta)
             meta.to("meta")
 
-
-def data_free(cfg: QuantConfig) -> bool:
-    return not get_method(cfg.method).calibrated
