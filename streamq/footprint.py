@@ -25,6 +25,11 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
                 true-sequential groups by tracing a forward, here they are the Linears of one parent module
                 with equal in_features (q/k/v/o for q/k/v: an upper bound); without true-sequential, all
     baseline  = this process's RSS when planning (torch, transformers and the meta skeleton imported)
+    MoE block with streamed experts (GPTQ / RTN, quant/expert_stage.py): Wc = the rest of the block + one group
+                of experts (expert_stage.GROUP_BYTES); H_group of the experts' phase = one group's gate/up and
+                down Hessians; R counts the rest's Linears (solved experts go to the scratch, counted in peak
+                disk); K adds, with offload ram, their inputs and summed outputs for every sample; pending
+                counts one expert Linear's packed tensors (outputs.PackedLater), not all of them
 
 solver(L) is fitted to ru_maxrss of gptq_quantize + relative_output_error on six shapes from 1024 to 11008
 wide with bound_heap() in force (an upper bound, within 110 MB or 10%): the Cholesky phase holds the working H

@@ -138,7 +138,9 @@ class InputsKept:
         self.H = new_kept(spill)  # named as HessianAccumulator's result: run_pass hands it on the same way
 
     def add(self, args: tuple) -> None:
-        self.H.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        if isinstance(self.H, list):  # in RAM: copies, so an in-place op of the block cannot alter them
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        self.H.append(args)
 
 
 def solve_experts(m: StreamedExperts, inputs, cfg: QuantConfig, hessian_device: torch.device,

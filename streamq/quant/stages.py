@@ -11,6 +11,9 @@ Hessian pass already holds. All of it found by tracing one forward with hooks at
 for any block transformers builds; replayed outputs are the very tensors the block computed, so the result is
 bit-identical to re-running it.
 
+A block's streamed routed experts (quant/expert_stage.py StreamedExperts) are one leaf here, like a Linear: a
+group of its own whose pass keeps its inputs, and a tail of itself whose output its solve builds.
+
 trace() records one forward; plan() decides what to keep within a byte budget (dropping the largest items
 first; with nothing kept every pass recomputes, as without this module).
 """
