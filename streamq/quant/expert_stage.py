@@ -90,9 +90,13 @@ class StreamedExperts(nn.Module):
         """Expert e with real weights: its source weights, then those it has in the scratch (quantized)."""
         expert = self.meta._modules[str(e)]
         for full, name in zip(self.linear_names(e), self.names):
-            w = self.ckpt.get(self.source_name(full + ".weight"), self.device).to(self.dtype)  # hashed as read
+            source = self.source_name(full + ".weight")
             if e in self.scratch.done and full in self.scratch.done[e]:
+                if self.ckpt.digests is not None and source not in self.ckpt.digests:
+                    self.ckpt.get(source)  # hashed as read: the manifest lists every source tensor a block reads
                 w = self.scratch.weight(e, full).to(self.device, self.dtype)
+            else:
+                w = self.ckpt.get(source, self.device).to(self.dtype)
             getattr(expert, name).weight = nn.Parameter(w, requires_grad=False)
         self.ckpt.close()  # pages read through the maps would stay counted in RSS
         return expert
