@@ -114,7 +114,7 @@ class PackedLater(Mapping):
             return self.ready[name]
         result, stem, key, _, _ = self.later[name]
         if stem != self._stem:
-            self._stem, self._packed = stem, {}  # the previous Linear's tensors go first
+            self._stem, self._packed = stem, {}  # the previous Linear's tensors go before the next is read
             self._packed = {k: t.cpu() for k, t in self.fmt.pack(result.load(), self.cfg).items()}
         return self._packed[key]
 

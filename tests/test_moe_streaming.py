@@ -190,3 +190,34 @@ def test_plan_counts_one_expert_group_not_all_experts(tmp_path, monkeypatch):
         (w8, h8, p8), (w64, h64, p64) = block(few, method), block(many, method)
         assert (w64 - w8, h64 - h8) == (router, 0) and p64 - p8 <= 1.25 * router + 1
     assert block(many, "spqr")[0] > block(few, "spqr")[0] + 56 * 3 * 128 * 64 * 4 - 1
+
+
+def test_streamed_experts_packed_one_linear_at_a_time_while_written(sources, one_thread, tmp_path, monkeypatch):
+    """A streamed block's expert results stay in the scratch until the shard writer takes their tensors: each
+    expert Linear is read back and packed once, inside write_unit, holding one Linear's packed tensors."""
+    from streamq.io.writer import ShardWriter
+    from streamq.outputs import PackedLater
+    from streamq.quant.expert_scratch import LazyResult
+
+    loads, writing, held = [], [False], []
+    real_load, real_write, real_get = LazyResult.load, ShardWriter.write_unit, PackedLater.__getitem__
+
+    def write_unit(self, key, tensors):
+        writing[0] = True
+        try:
+            return real_write(self, key, tensors)
+        finally:
+            writing[0] = False
+
+    def get(self, name):
+        t = real_get(self, name)
+        held.append(len(self._packed))
+        return t
+    monkeypatch.setattr(LazyResult, "load", lambda self: loads.append((str(self.path), self.name, writing[0]))
+                        or real_load(self))
+    monkeypatch.setattr(ShardWriter, "write_unit", write_unit)
+    monkeypatch.setattr(PackedLater, "__getitem__", get)
+    compress(sources("mixtral"), tmp_path / "o", **GPTQ)
+    names = [(p, n) for p, n, _ in loads]
+    assert len(names) == len(set(names)) == 2 * 4 * 3 and all(during for _, _, during in loads)
+    assert max(held) == 4  # qweight, qzeros, scales, g_idx of one Linear
