@@ -10,6 +10,15 @@ available now) and --max-vram, after planning the same run there, and prints a m
 (ru_maxrss) against the plan's predicted peak, seconds per block measured (streamq_report.json) and estimated
 by the plan's micro-benchmark, the share of block time spent waiting on IO, and peak VRAM. Models and outputs
 go to a temporary folder under --work, removed at the end.
+
+MoE widths (MOE_WIDTHS: Mixtral-8x7B, Qwen3-235B-A22B, DeepSeek-V3 block shapes; --experts N routed experts per
+block) give the same rows for random-weight MoE models, whose routed experts streamq streams a group at a time
+(quant/expert_stage.py); compare two --experts counts for the flat peak. --plan-only prints the plan alone
+(sparse files), with --device cuda on a machine without a GPU the footprint model evaluated for CUDA in bf16.
+
+    python tools/bench_memory.py --widths qwen3-235b-a22b --experts 8 --blocks 1 --nsamples 2 --seqlen 128
+    python tools/bench_memory.py --widths deepseek-v3 --blocks 1 --plan-only --nsamples 128 --seqlen 2048 \
+        --max-ram 16GB --max-vram 12GB --device cuda
 """
 from __future__ import annotations
 
