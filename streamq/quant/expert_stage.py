@@ -40,8 +40,10 @@ STREAMED_METHODS = ("gptq", "rtn")  # methods whose result is a plain QuantResul
 
 def streams_experts(cfg: QuantConfig) -> bool:
     """Whether a MoE block's routed experts are streamed under cfg (else the block is materialized whole:
-    SpQR / SparseGPT results, AutoRound's whole-block tuning, SmoothQuant's folding into the experts)."""
-    return cfg.method in STREAMED_METHODS and cfg.smooth_alpha is None
+    SpQR / SparseGPT results, AutoRound's whole-block tuning, SmoothQuant's folding into the experts, static
+    activation / KV-cache scales observed on the whole quantized block)."""
+    static_scales = (cfg.act_bits is not None and not cfg.act_dynamic) or cfg.kv_cache is not None
+    return cfg.method in STREAMED_METHODS and cfg.smooth_alpha is None and not static_scales
 
 
 def expert_bytes(hidden: int, inter: int, c: int) -> int:
