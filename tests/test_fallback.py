@@ -71,7 +71,7 @@ def out_of_memory_unless_lean(monkeypatch, name: str) -> list:
     real_work, real, leans = blockwork.block_work, getattr(blockwork, name), []
 
     def work(*args):
-        leans.append(args[-1])
+        leans.append(args[9])  # block_work(..., dtype, lean, scratch, run_key)
         return real_work(*args)
 
     def oom(*args, **kwargs):
