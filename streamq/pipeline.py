@@ -176,9 +176,10 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     progress.close()
 
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device, fmt)  # 6
-    shutil.rmtree(out / WORK_DIR / "experts", ignore_errors=True)
-    with contextlib.suppress(OSError):  # the work folder of a data-free run held only that
-        (out / WORK_DIR).rmdir()
+    if (out / WORK_DIR / "experts").exists():  # the parent of the blocks' expert scratch folders (MoE runs)
+        shutil.rmtree(out / WORK_DIR / "experts", ignore_errors=True)
+        with contextlib.suppress(OSError):  # the work folder of a data-free run held only that
+            (out / WORK_DIR).rmdir()
     if store is not None and not opts.keep_activations:
         store.delete()
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
@@ -190,7 +191,8 @@ def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors
     """Write block i's tensors into their shard, then the manifest that records it (data first)."""
     manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", tensors)
     write_json_atomic(out / MANIFEST, manifest)
-    shutil.rmtree(expert_scratch(out, i), ignore_errors=True)  # the block's solved experts are in its shard now
+    if expert_scratch(out, i).exists():  # the block's solved experts are in its shard now
+        shutil.rmtree(expert_scratch(out, i), ignore_errors=True)
 
 
 def expert_scratch(out: Path, i: int) -> Path:
