@@ -132,3 +132,16 @@ def test_eval_of_compressed_folder_equals_loaded_model(tmp_path):
                            seqlen=32, progress=False)
     ppl = streamq.evaluate(out, src / "calib.txt", seqlen=64, max_windows=3, offload="disk", progress=False)
     assert abs(ppl - loaded_model_perplexity(out, src / "calib.txt", seqlen=64, windows=3)) / ppl < 1e-4
+
+
+def test_rerun_of_finished_folder_removes_a_stale_manifest_temporary(tmp_path):
+    """A run killed while renaming the manifest's temporary into place leaves it; the next run in that folder
+    (here: over a finished one, which returns early) removes it and leaves the output as it was."""
+    src = make_tiny_model(tmp_path / "m", "llama", n_layers=1)
+    out = streamq.compress(src, tmp_path / "o", method="rtn", bits=4, group_size=32, progress=False)
+    before = read_all(out)
+    (out / "streamq_manifest.json.tmp").write_text("{torn")
+    streamq.compress(src, out, method="rtn", bits=4, group_size=32, progress=False)
+    assert not (out / "streamq_manifest.json.tmp").exists()
+    after = read_all(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -161,6 +161,8 @@ def open_output(out: Path, fp: dict, plan: dict, files: list[str], resume: str) 
     fresh = {"fingerprint": fp, "plan": plan, "next_block": 0, "slot": "a", "units": {}, "blocks": {},
              "complete": False, "files": sorted(set(files)), "source_sha256": {}}
     present = sorted(p.name for p in out.iterdir() if p.name not in ALWAYS_OURS)
+    # a run killed mid-rename leaves the manifest's temporary: stale, since the caller holds the folder's lock
+    (out / (MANIFEST + ".tmp")).unlink(missing_ok=True)
     if not (out / MANIFEST).exists():
         if present:  # a run killed before its first manifest leaves only that file's temporary and the lock
             raise StreamqError(f"{out}: not a streamq output folder (it holds {present[0]}); choose an empty "
