@@ -195,6 +195,37 @@ def test_damp_gives_up_after_one():
     assert [str(w.message).split()[-1] for w in caught] == ["0.5", "1"]
 
 
+def test_factor_shared_by_linears_reading_one_hessian(monkeypatch):
+    """q/k/v (gate/up) read one H tensor: its factor is computed once, reused bit for bit, recomputed for a changed
+    or another tensor, its warnings raised on every use, and dropped with H."""
+    W, H = correlated_problem(dtype=torch.float32)
+    H = H.clone()
+    cfg = QuantConfig(group_size=32, act_order=True, static_groups=True)
+    calls = []
+    real = gptq.inverse_cholesky
+    monkeypatch.setattr(gptq, "inverse_cholesky", lambda *a: calls.append(1) or real(*a))
+    gptq_quantize(W, H, cfg)
+    shared = gptq_quantize(W[:20] * 3, H, cfg)
+    assert len(calls) == 1
+    fresh = gptq_quantize(W[:20] * 3, H.clone(), cfg)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(shared.result, fresh.result)) and shared.loss == fresh.loss
+    gptq_quantize(W, H, cfg)
+    assert len(calls) == 3
+    H.mul_(1.0)  # modified in place: not the H the factor came from
+    gptq_quantize(W, H, cfg)
+    assert len(calls) == 4
+    del H
+    assert gptq._last_factor == []
+    H = indefinite_hessian()
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert gptq_quantize(torch.randn(8, 16), H, QuantConfig(damp=0.01, group_size=-1)).damp == pytest.approx(0.1)
+        assert [str(w.message) for w in caught] == ["GPTQ: Hessian not positive definite; retrying with damp 0.1"]
+    assert len(calls) == 5
+
+
 def test_non_finite_hessian_rejected():
     H = torch.eye(16)
     H[2, 3] = math.nan

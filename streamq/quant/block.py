@@ -178,6 +178,7 @@ def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, 
                 if name not in skip:
                     results[name] = quantize_linear(modules[name], H, cfg,
                                                     tokens[name] if name in t.parallel else None)
+                del H  # freed with its group's last Linear (and with it the solver's factor of it, gptq.py)
             build_tails(block, t, p, j, kept, spill)
             for m in [m for m, last in last_use.items() if last == j]:
                 close_kept(kept.pop(m))

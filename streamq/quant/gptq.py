@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -85,6 +86,61 @@ def _intra_op_threads(n: int):
         torch.set_num_threads(before)
 
 
+class HessianFactor(NamedTuple):
+    """What gptq_quantize derives from H alone, shared by the Linears that read one input (q/k/v, gate/up)."""
+
+    dead: Tensor  # [in] bool: inputs that are always 0
+    perm: Tensor  # [in]: column order (act-order: by descending diag H; else the identity)
+    Hinv: Tensor  # [in, in]: upper Cholesky factor of the damped, permuted H^-1
+    damp: float
+    notes: tuple  # (message, category) of the warnings computing it raised, raised again on every use
+
+
+_last_factor: list = []  # at most one (weakref to H, key, HessianFactor), dropped with its H
+
+
+def hessian_factor(H: Tensor, W: Tensor, cfg: QuantConfig) -> HessianFactor:
+    """H's factor for solving W (on W's device, in W's working dtype), computed once per H: the next Linear reading
+    the same (unmodified) H tensor reuses it. Bit-identical to computing it again: the same ops on the same H."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    key = (H._version, tuple(H.shape), W.device, dtype, cfg.damp, cfg.act_order)
+    if _last_factor and _last_factor[0][0]() is H and _last_factor[0][1] == key:
+        f = _last_factor[0][2]
+    else:
+        _last_factor.clear()
+        _, Hw = working_copies(W[:0], H, "GPTQ")
+        dead = Hw.diagonal() == 0  # inputs that are always 0: any weight works, 0 is cheapest to store
+        Hw[dead, dead] = 1
+        cols = Hw.shape[0]
+        perm = torch.argsort(Hw.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+        if cfg.act_order:
+            Hw = Hw[perm][:, perm]
+        (Hinv, damp), notes = _recorded(inverse_cholesky, Hw, cfg.damp)
+        del Hw  # the working copy: the column loop needs only Hinv
+        f = HessianFactor(dead, perm, Hinv, damp, notes)
+
+        def drop(ref):
+            if _last_factor and _last_factor[0][0] is ref:
+                _last_factor.clear()
+        _last_factor.append((weakref.ref(H, drop), key, f))
+    for message, category in f.notes:
+        warnings.warn(message, category)
+    return f
+
+
+def _recorded(fn, *args):
+    """(fn(*args), the (message, category) of each warning it raised); when it raises, they are raised first."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn(*args), tuple((w.message, w.category) for w in caught)
+        except Exception as e:
+            error, raised = e, caught[:]
+    for w in raised:
+        warnings.warn(w.message, w.category)
+    raise error
+
+
 def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize W: [out, in] given H: [in, in] = 2/N sum x^T x (undamped), on W's device.
 
@@ -92,23 +148,18 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     the caller's W and H are not modified. Returns original-column-order codes, per-group grids and
     g_idx (with act_order and non-static groups, groups follow the permuted order).
     """
-    W, H = working_copies(W, H, "GPTQ")
+    f = hessian_factor(H, W, cfg)
+    W = W.to(f.Hinv.dtype, copy=True)
     rows, cols = W.shape
     gs = cols if cfg.group_size == -1 else cfg.group_size
     n_groups = math.ceil(cols / gs)
-
-    dead = H.diagonal() == 0  # inputs that are always 0: any weight works, 0 is cheapest to store
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
+    W[:, f.dead] = 0
     if cfg.static_groups:  # grids from the original weights, in original column order
         grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range) for c in range(0, cols, gs)]
-    perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    if cfg.act_order:  # (the identity permutation would only copy W and H)
-        W, H = W[:, perm], H[perm][:, perm]
+    perm, Hinv, damp = f.perm, f.Hinv, f.damp
+    if cfg.act_order:  # (the identity permutation would only copy W)
+        W = W[:, perm]
     group_of = (perm // gs).tolist()  # static group of the column at each permuted position
-    Hinv, damp = inverse_cholesky(H, cfg.damp)
-    del H  # the working copy: the column loop needs only Hinv
 
     codesT = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)  # transposed: a column is a row
     QT = W.new_empty(cols, rows)
