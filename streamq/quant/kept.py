@@ -17,10 +17,14 @@ from pathlib import Path
 import torch
 
 from streamq.errors import disk_full
+from streamq.quant.stages import clone_output
 
 
 class SpilledList:
-    """Module outputs of the samples in order, in an unlinked temporary file in `folder`."""
+    """Module outputs of the samples in order, in an unlinked temporary file in `folder`. Appending writes the
+    bytes at once and indexing reads fresh tensors, so neither needs a defensive copy (`fresh`)."""
+
+    fresh = True
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -79,6 +83,12 @@ class SpilledList:
 def new_kept(folder: str | Path | None):
     """An empty per-sample list of kept outputs: in RAM (folder None) or spilled into folder."""
     return [] if folder is None else SpilledList(folder)
+
+
+def keep_output(kept, out) -> None:
+    """Append module output `out` to kept: in RAM a copy (the block may later change its tensors in place), spilled
+    just its bytes."""
+    kept.append(out if isinstance(kept, SpilledList) else clone_output(out))
 
 
 def close_kept(kept) -> None:
