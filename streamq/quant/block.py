@@ -21,9 +21,9 @@ from streamq.forward import run_block
 from streamq.methods import QuantResult, get_method
 from streamq.moe import all_tokens
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
-from streamq.quant.kept import close_kept, keep_output, new_kept
+from streamq.quant.kept import close_kept, new_kept
 from streamq.quant.spqr import SpQRResult
-from streamq.quant.stages import Plan, Replay, Trace, plan, swap, trace
+from streamq.quant.stages import Plan, Replay, Trace, clone_output, plan, swap, trace
 
 Samples = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the block's inputs, each [1, seq, hidden]
 
@@ -73,7 +73,8 @@ def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwar
         return pre_hook
 
     def keep(m):
-        return lambda module, args, out: keep_output(kept[m], out)
+        # a RAM list keeps a copy (the block may change the tensors in place); a spilled one (kept.py) just the bytes
+        return lambda module, args, out: kept[m].append(out if getattr(kept[m], "fresh", False) else clone_output(out))
 
     hooks = [modules[g[0]].register_forward_pre_hook(hook_for(k)) for k, g in enumerate(groups)]
     hooks += [modules[m].register_forward_hook(keep(m)) for m, r in p.record.items() if r == j]

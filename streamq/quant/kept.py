@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from streamq.errors import disk_full
-from streamq.quant.stages import clone_output
 
 
 class SpilledList:
@@ -83,12 +82,6 @@ class SpilledList:
 def new_kept(folder: str | Path | None):
     """An empty per-sample list of kept outputs: in RAM (folder None) or spilled into folder."""
     return [] if folder is None else SpilledList(folder)
-
-
-def keep_output(kept, out) -> None:
-    """Append module output `out` to kept: in RAM a copy (the block may later change its tensors in place), spilled
-    just its bytes."""
-    kept.append(out if isinstance(kept, SpilledList) else clone_output(out))
 
 
 def close_kept(kept) -> None:

@@ -195,7 +195,8 @@ def _peak(t: Trace, p: Plan) -> int:
 
 class Replay(nn.Module):
     """Stands in for a module: returns the kept output of the current sample (`at[0]`), cloned (unless the list
-    reads back fresh tensors) so an in-place op of the block cannot alter it. Attributes it lacks are looked up on the module it replaces."""
+    reads back fresh tensors) so an in-place op of the block cannot alter it. Attributes it lacks are looked up
+    on the module it replaces."""
 
     def __init__(self, original: nn.Module, outputs: list, at: list[int]):
         super().__init__()
