@@ -1,6 +1,15 @@
 """streamq: compress large language models block by block, on machines far too small to hold them."""
 __version__ = "0.1.0"
 
+import os as _os
+
+# torch's OpenMP workers (GNU libgomp) spin up to ~300k pause loops (milliseconds) after each parallel op before
+# they sleep; when anything else wants the 2 cores a 2-core box has, that spinning starves the thread doing the
+# work (a SmolLM2 block forward + Hessian: ~1 s instead of ~0.2 s at load 10). 10k loops still bridge the
+# Python gaps between one op and the next. Scheduling only: the same bits. Read when libgomp loads (with torch),
+# so it must precede any torch import; an explicit setting wins.
+_os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 from streamq.config import QuantConfig  # noqa: E402
 from streamq.errors import StreamqError  # noqa: E402
 

@@ -8,6 +8,7 @@ import torch
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
 from streamq.quant.grid import dequantize, fit_grid, quantize_codes
+from streamq.quant import gptq
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.rtn import rtn_quantize
@@ -105,6 +106,23 @@ def test_fp32_agrees_with_fp64(variant):
         assert differ <= 0.01, f"{differ:.2%} of codes differ from the fp64 solver (block_columns={width})"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_numpy_column_loop_is_bit_identical_to_torch_loop(variant, dtype, monkeypatch):
+    """The CPU column loop (numpy) and the one other devices run (torch) give the same bits, loss included."""
+    W, H = correlated_problem(out=40, inp=96, dtype=dtype)
+    H[5, :] = H[:, 5] = 0  # one dead input
+    for width in (128, 8):
+        cfg = QuantConfig(**{"block_columns": width, **variant})
+        fast = gptq_quantize(W, H, cfg)
+        monkeypatch.setattr(gptq, "_column_batch_numpy", gptq._column_batch_torch)
+        slow = gptq_quantize(W, H, cfg)
+        monkeypatch.undo()
+        for a, b in zip(fast.result, slow.result):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"block_columns={width}"
+        assert fast.loss == slow.loss
+
+
 def test_act_order_groups_and_g_idx():
     W, H = correlated_problem()
     r = gptq_quantize(W, H, QuantConfig(group_size=16, act_order=True, static_groups=False)).result
@@ -175,6 +193,37 @@ def test_damp_gives_up_after_one():
         with pytest.raises(StreamqError, match="damp 1.0"):
             gptq_quantize(torch.randn(8, 16), H, QuantConfig(damp=0.05, group_size=-1))
     assert [str(w.message).split()[-1] for w in caught] == ["0.5", "1"]
+
+
+def test_factor_shared_by_linears_reading_one_hessian(monkeypatch):
+    """q/k/v (gate/up) read one H tensor: its factor is computed once, reused bit for bit, recomputed for a changed
+    or another tensor, its warnings raised on every use, and dropped with H."""
+    W, H = correlated_problem(dtype=torch.float32)
+    H = H.clone()
+    cfg = QuantConfig(group_size=32, act_order=True, static_groups=True)
+    calls = []
+    real = gptq.inverse_cholesky
+    monkeypatch.setattr(gptq, "inverse_cholesky", lambda *a: calls.append(1) or real(*a))
+    gptq_quantize(W, H, cfg)
+    shared = gptq_quantize(W[:20] * 3, H, cfg)
+    assert len(calls) == 1
+    fresh = gptq_quantize(W[:20] * 3, H.clone(), cfg)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(shared.result, fresh.result)) and shared.loss == fresh.loss
+    gptq_quantize(W, H, cfg)
+    assert len(calls) == 3
+    H.mul_(1.0)  # modified in place: not the H the factor came from
+    gptq_quantize(W, H, cfg)
+    assert len(calls) == 4
+    del H
+    assert gptq._last_factor == []
+    H = indefinite_hessian()
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert gptq_quantize(torch.randn(8, 16), H, QuantConfig(damp=0.01, group_size=-1)).damp == pytest.approx(0.1)
+        assert [str(w.message) for w in caught] == ["GPTQ: Hessian not positive definite; retrying with damp 0.1"]
+    assert len(calls) == 5
 
 
 def test_non_finite_hessian_rejected():

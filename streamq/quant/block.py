@@ -76,7 +76,8 @@ def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwar
         return pre_hook
 
     def keep(m):
-        return lambda module, args, out: kept[m].append(clone_output(out))
+        # a RAM list keeps a copy (the block may change the tensors in place); a spilled one (kept.py) just the bytes
+        return lambda module, args, out: kept[m].append(out if getattr(kept[m], "fresh", False) else clone_output(out))
 
     hooks = [modules[g[0]].register_forward_pre_hook(hook_for(k)) for k, g in enumerate(groups)]
     hooks += [modules[m].register_forward_hook(keep(m)) for m, r in p.record.items() if r == j]
@@ -194,6 +195,7 @@ def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, 
                 elif name not in skip:
                     results[name] = quantize_linear(modules[name], H, cfg,
                                                     tokens[name] if name in t.parallel else None)
+                del H  # freed with its group's last Linear (and with it the solver's factor of it, gptq.py)
             build_tails(block, t, p, j, kept, spill)
             for m in [m for m, last in last_use.items() if last == j]:
                 close_kept(kept.pop(m))

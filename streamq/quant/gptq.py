@@ -6,14 +6,20 @@ One deliberate difference: a lazy batch never straddles a group start (non-stati
 group's grid is fitted on fully updated weights. The reference fits a group that starts mid-batch on
 weights still missing that batch's updates, which makes its result depend on the batch width; with the
 usual group_size == block_columns == 128 both agree.
+
+Speed without changing a bit: the Linears reading one H share its factor (hessian_factor), and on the CPU a lazy
+batch's column loop runs the reference's ops through numpy (_column_batch_numpy), whose per-call overhead is a
+fraction of torch's on these [rows]-sized vectors.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
+import weakref
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,6 +90,61 @@ def _intra_op_threads(n: int):
         torch.set_num_threads(before)
 
 
+class HessianFactor(NamedTuple):
+    """What gptq_quantize derives from H alone, shared by the Linears that read one input (q/k/v, gate/up)."""
+
+    dead: Tensor  # [in] bool: inputs that are always 0
+    perm: Tensor  # [in]: column order (act-order: by descending diag H; else the identity)
+    Hinv: Tensor  # [in, in]: upper Cholesky factor of the damped, permuted H^-1
+    damp: float
+    notes: tuple  # (message, category) of the warnings computing it raised, raised again on every use
+
+
+_last_factor: list = []  # at most one (weakref to H, key, HessianFactor), dropped with its H
+
+
+def hessian_factor(H: Tensor, W: Tensor, cfg: QuantConfig) -> HessianFactor:
+    """H's factor for solving W (on W's device, in W's working dtype), computed once per H: the next Linear reading
+    the same (unmodified) H tensor reuses it. Bit-identical to computing it again: the same ops on the same H."""
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    key = (H._version, tuple(H.shape), W.device, dtype, cfg.damp, cfg.act_order)
+    if _last_factor and _last_factor[0][0]() is H and _last_factor[0][1] == key:
+        f = _last_factor[0][2]
+    else:
+        _last_factor.clear()
+        _, Hw = working_copies(W[:0], H, "GPTQ")  # (W[:0]: only its device and dtype matter)
+        dead = Hw.diagonal() == 0  # inputs that are always 0: any weight works, 0 is cheapest to store
+        Hw[dead, dead] = 1
+        cols = Hw.shape[0]
+        perm = torch.argsort(Hw.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+        if cfg.act_order:
+            Hw = Hw[perm][:, perm]
+        (Hinv, damp), notes = _recorded(inverse_cholesky, Hw, cfg.damp)
+        del Hw  # the working copy: the column loop needs only Hinv
+        f = HessianFactor(dead, perm, Hinv, damp, notes)
+
+        def drop(ref):
+            if _last_factor and _last_factor[0][0] is ref:
+                _last_factor.clear()
+        _last_factor.append((weakref.ref(H, drop), key, f))
+    for message, category in f.notes:
+        warnings.warn(message, category)
+    return f
+
+
+def _recorded(fn, *args):
+    """(fn(*args), the (message, category) of each warning it raised); when it raises, they are raised first."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn(*args), tuple((w.message, w.category) for w in caught)
+        except Exception as e:
+            error, raised = e, caught[:]
+    for w in raised:
+        warnings.warn(w.message, w.category)
+    raise error
+
+
 def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize W: [out, in] given H: [in, in] = 2/N sum x^T x (undamped), on W's device.
 
@@ -91,54 +152,43 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     the caller's W and H are not modified. Returns original-column-order codes, per-group grids and
     g_idx (with act_order and non-static groups, groups follow the permuted order).
     """
-    W, H = working_copies(W, H, "GPTQ")
+    f = hessian_factor(H, W, cfg)
+    W = W.to(f.Hinv.dtype, copy=True)
     rows, cols = W.shape
     gs = cols if cfg.group_size == -1 else cfg.group_size
     n_groups = math.ceil(cols / gs)
-
-    dead = H.diagonal() == 0  # inputs that are always 0: any weight works, 0 is cheapest to store
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
+    W[:, f.dead] = 0
     if cfg.static_groups:  # grids from the original weights, in original column order
         grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range) for c in range(0, cols, gs)]
-    perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    if cfg.act_order:  # (the identity permutation would only copy W and H)
-        W, H = W[:, perm], H[perm][:, perm]
+    perm, Hinv, damp = f.perm, f.Hinv, f.damp
+    if cfg.act_order:  # (the identity permutation would only copy W)
+        W = W[:, perm]
     group_of = (perm // gs).tolist()  # static group of the column at each permuted position
-    Hinv, damp = inverse_cholesky(H, cfg.damp)
-    del H  # the working copy: the column loop needs only Hinv
 
-    codes, Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device), torch.zeros_like(W)
+    codesT = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)  # transposed: a column is a row
+    QT = W.new_empty(cols, rows)
     scales, zeros = W.new_zeros(n_groups, rows), W.new_zeros(n_groups, rows)
-    losses = W.new_zeros(rows)
-    for i1, i2 in batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1, C1, d1 = torch.zeros_like(W1), torch.zeros_like(W1), Hinv1.diagonal().tolist()
-        with _intra_op_threads(1):
-            for i in range(i2 - i1):
-                c = i1 + i
-                if cfg.static_groups:
-                    scale, zero = grids[group_of[c]]
-                elif c % gs == 0:  # a batch start (see batch_bounds): W[:, c:] has every earlier update
-                    scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range)
-                    scales[c // gs], zeros[c // gs] = scale, zero
-                w = W1[:, i : i + 1]
-                code = C1[:, i : i + 1] = quantize_codes(w, scale, zero, cfg.maxq)
-                q = Q[:, c : c + 1] = dequantize(code, scale, zero)
-                err = Err1[:, i : i + 1] = (w - q) / d1[i]
-                losses += err[:, 0] ** 2 / 2  # per column, as the reference sums it (SpQR's loss matches)
-                W1[:, i + 1 :] -= err @ Hinv1[i : i + 1, i + 1 :]  # column i itself is done
-        codes[:, i1:i2] = C1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    g_idx = torch.arange(cols, device=W.device, dtype=torch.int32) // gs
     if cfg.static_groups:
         scales, zeros = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
-    elif cfg.act_order:
+    losses = W.new_zeros(rows)
+    column_batch = _column_batch_numpy if W.device.type == "cpu" else _column_batch_torch
+    for i1, i2 in batch_bounds(cols, cfg.block_columns, None if cfg.static_groups else gs):
+        if cfg.static_groups:
+            groups = group_of[i1:i2]
+        else:
+            if i1 % gs == 0:  # a group start (see batch_bounds): W[:, i1:] has every earlier update
+                scales[i1 // gs], zeros[i1 // gs] = fit_grid(W[:, i1 : i1 + gs], cfg.bits, cfg.sym, cfg.full_range)
+            groups = [i1 // gs] * (i2 - i1)
+        Err1 = column_batch(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales[groups], zeros[groups], cfg.maxq, losses,
+                            codesT[i1:i2], QT[i1:i2])
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    g_idx = torch.arange(cols, device=W.device, dtype=torch.int32) // gs
+    if cfg.act_order and not cfg.static_groups:
         g_idx[perm] = g_idx.clone()  # group i // gs belongs to original column perm[i]
     if cfg.act_order:
         invperm = torch.argsort(perm)
-        Q, codes = Q[:, invperm], codes[:, invperm]
+        QT, codesT = QT[invperm], codesT[invperm]
+    Q, codes = QT.t().contiguous(), codesT.t().contiguous()
     result = QuantResult(
         weight=Q.float(),  # exact: fp16-representable scale times a small integer
         codes=codes,
@@ -147,3 +197,56 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
         g_idx=g_idx,
     )
     return GPTQResult(result, losses.sum().item(), damp)
+
+
+def _column_batch_torch(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, losses: Tensor,
+                        codesT: Tensor, QT: Tensor) -> Tensor:
+    """One lazy batch column by column: W1 [rows, n] (not modified), Hinv1 [n, n], S1 / Z1 [n, rows] the grid of
+    each column. Writes the codes and dequantized weights, transposed, into codesT / QT [n, rows], adds the
+    batch's loss terms to losses [rows] column by column; returns the scaled errors [rows, n]."""
+    W1 = W1.clone()
+    C1, Q1, Err1, d1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1), Hinv1.diagonal().tolist()
+    with _intra_op_threads(1):
+        for i in range(W1.shape[1]):
+            w = W1[:, i : i + 1]
+            code = C1[:, i : i + 1] = quantize_codes(w, S1[i], Z1[i], maxq)
+            q = Q1[:, i : i + 1] = dequantize(code, S1[i], Z1[i])
+            err = Err1[:, i : i + 1] = (w - q) / d1[i]
+            losses += err[:, 0] ** 2 / 2  # per column, as the reference sums it (SpQR's loss matches)
+            W1[:, i + 1 :] -= err @ Hinv1[i : i + 1, i + 1 :]  # column i itself is done
+    codesT.copy_(C1.t())
+    QT.copy_(Q1.t())
+    return Err1
+
+
+def _column_batch_numpy(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, losses: Tensor,
+                        codesT: Tensor, QT: Tensor) -> Tensor:
+    """_column_batch_torch on the CPU with the same IEEE operations in the same order, through numpy (a fraction
+    of torch's per-call overhead, which dominates these [rows]-sized ops) on transposed copies, so each column is
+    a contiguous row: bit-identical results."""
+    WT = W1.t().contiguous().numpy()  # [n, rows]: row i is column i
+    H1, S, Z = Hinv1.contiguous().numpy(), S1.contiguous().numpy(), Z1.contiguous().numpy()
+    CT, QTn, ET = np.empty_like(WT), QT.numpy(), np.empty_like(WT)
+    d1, buf = H1.diagonal().copy(), np.empty_like(WT)
+    for i in range(WT.shape[0]):
+        w, c, q, e, s, z = WT[i], CT[i], QTn[i], ET[i], S[i], Z[i]
+        np.divide(w, s, out=c)  # codes clamp(round(w / scale) + zero, 0, maxq), as grid.quantize_codes
+        np.rint(c, out=c)
+        np.add(c, z, out=c)
+        np.maximum(c, 0, out=c)  # torch.clamp's max then min (np.clip's wrapper costs more than the op)
+        np.minimum(c, maxq, out=c)
+        np.subtract(c, z, out=q)  # scale * (codes - zero), as grid.dequantize
+        np.multiply(s, q, out=q)
+        np.subtract(w, q, out=e)
+        np.divide(e, d1[i], out=e)
+        rest = WT[i + 1 :]
+        upd = buf[: len(rest)]
+        np.multiply(H1[i, i + 1 :, None], e, out=upd)  # the rank-1 product err @ Hinv1[i, i+1:], transposed
+        np.subtract(rest, upd, out=rest)
+    sq = np.square(ET)
+    sq /= 2
+    L = losses.numpy()
+    for row in sq:  # per column, as the reference sums it (SpQR's loss matches)
+        L += row
+    codesT.numpy()[:] = CT  # exact: small non-negative integers
+    return torch.from_numpy(ET).t().contiguous()

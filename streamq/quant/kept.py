@@ -20,7 +20,10 @@ from streamq.errors import disk_full
 
 
 class SpilledList:
-    """Module outputs of the samples in order, in an unlinked temporary file in `folder`."""
+    """Module outputs of the samples in order, in an unlinked temporary file in `folder`. Appending writes the
+    bytes at once and indexing reads fresh tensors, so neither needs a defensive copy (`fresh`)."""
+
+    fresh = True
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

@@ -201,8 +201,9 @@ def _peak(t: Trace, p: Plan) -> int:
 
 
 class Replay(nn.Module):
-    """Stands in for a module: returns the kept output of the current sample (`at[0]`), cloned so an in-place
-    op of the block cannot alter it. Attributes it lacks are looked up on the module it replaces."""
+    """Stands in for a module: returns the kept output of the current sample (`at[0]`), cloned (unless the list
+    reads back fresh tensors) so an in-place op of the block cannot alter it. Attributes it lacks are looked up
+    on the module it replaces."""
 
     def __init__(self, original: nn.Module, outputs: list, at: list[int]):
         super().__init__()
@@ -210,7 +211,8 @@ class Replay(nn.Module):
         self.outputs, self.at = outputs, at
 
     def forward(self, *args, **kwargs):
-        return clone_output(self.outputs[self.at[0]])
+        out = self.outputs[self.at[0]]
+        return out if getattr(self.outputs, "fresh", False) else clone_output(out)  # kept.py's SpilledList: a new copy
 
     def __getattr__(self, name):
         try:
