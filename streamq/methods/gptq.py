@@ -13,7 +13,7 @@ def solve(W, H, cfg):
 # act-order with static groups is the default (issue 14: 28.17 vs 30.71 perplexity on SmolLM2-135M w4 g64)
 METHOD = Method(
     name="gptq",
-    fields=("full_range", "act_order", "static_groups", "damp", "block_columns", "true_sequential"),
+    fields=("full_range", "act_order", "static_groups", "damp", "block_columns", "true_sequential", "grid_search"),
     defaults={"act_order": True, "static_groups": lambda c: c["act_order"]},
     solve=solve,
     reference="tests.reference:reference_quantize",

@@ -101,7 +101,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     W[:, dead] = 0
 
     if cfg.static_groups:  # grids from the original weights, in original column order
-        grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range) for c in range(0, cols, gs)]
+        grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range, cfg.grid_search)
+                 for c in range(0, cols, gs)]
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
     if cfg.act_order:  # (the identity permutation would only copy W and H)
         W, H = W[:, perm], H[perm][:, perm]
@@ -121,7 +122,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
                 if cfg.static_groups:
                     scale, zero = grids[group_of[c]]
                 elif c % gs == 0:  # a batch start (see batch_bounds): W[:, c:] has every earlier update
-                    scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range)
+                    scale, zero = fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range, cfg.grid_search)
                     scales[c // gs], zeros[c // gs] = scale, zero
                 w = W1[:, i : i + 1]
                 code = C1[:, i : i + 1] = quantize_codes(w, scale, zero, cfg.maxq)
