@@ -162,15 +162,18 @@ def find_decoder(model: nn.Module, path: str, where: str) -> tuple[str, nn.Modul
 
 
 def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelLayout,
-                device: torch.device, dtype: torch.dtype) -> nn.Module:
+                device: torch.device, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> nn.Module:
     """Give a meta submodule real tensors: its checkpoint tensors (cast to dtype) and its computed buffers.
 
     prefix: the submodule's name in the checkpoint plus "." ("" for the whole model). Tied weights that the
-    checkpoint omits (lm_head when tie_word_embeddings) are taken from their source tensor.
+    checkpoint omits (lm_head when tie_word_embeddings) are taken from their source tensor. skip: parameter
+    names (relative to module) left on meta, served otherwise (calib/capture.py's EmbeddingRows).
     """
     tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
     state, loaded = {}, {}
     for name, _ in module.named_parameters(remove_duplicate=False):
+        if name in skip:
+            continue
         full = layout.source_name(prefix + name)
         if full not in ckpt.tensors and full in tied and getattr(layout.config, "tie_word_embeddings", False):
             full = tied[full]
@@ -184,7 +187,7 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelL
     module.load_state_dict(state, strict=False, assign=True)
     ckpt.close()
     for name, p in module.named_parameters(remove_duplicate=False):
-        if p.is_meta:
+        if p.is_meta and name not in skip:
             raise StreamqError(f"{ckpt.folder}: tensor {layout.source_name(prefix + name)} is missing from the checkpoint")
     compute_buffers(module, prefix, layout, device, str(ckpt.folder))
     return module
