@@ -69,8 +69,9 @@ def test_capture_from_gathered_rows_equals_the_materialized_table(tmp_path, arch
     unique = ids.unique()
     assert seen[0][0] == (len(unique), ends.rows.module.embedding_dim)  # only the rows the window needs
     assert torch.equal(unique[seen[0][1]], ids)  # renumbered into those rows
-    stored = ckpt.read(ends.rows.source)  # the resume digest: the stored bytes, as Checkpoint.get records them
-    assert ckpt.digests[ends.rows.source] == hashlib.sha256(_raw_bytes(stored)).hexdigest()
+    recorded = dict(ckpt.digests)  # the resume digest: the stored bytes, as Checkpoint.get records them
+    stored = Checkpoint(src).read(ends.rows.source)
+    assert recorded[ends.rows.source] == hashlib.sha256(_raw_bytes(stored)).hexdigest()
 
 
 def test_bad_ids_and_non_finite_rows_are_one_line_errors(tmp_path):
