@@ -45,7 +45,8 @@ ROWS = {  # name -> (tool, extra flags)
     # the grid search (quant/grid.py fit_grid), act-order + static groups
     "streamq-asym-minmax": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups",
                                         "--grid-search", "minmax"]),
-    "streamq-asym-mse": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups", "--grid-search", "mse"]),
+    "streamq-asym-mse": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups",
+                                     "--grid-search", "mse"]),
     "streamq-sym-minmax": ("streamq", ["--bits", "4", "--sym", "--act-order", "--static-groups",
                                        "--grid-search", "minmax"]),
     "streamq-sym-mse": ("streamq", ["--bits", "4", "--sym", "--act-order", "--static-groups", "--grid-search", "mse"]),
