@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=None,
                    help="symmetric grid on all 2^bits levels, scale = +-max|w|/2^(bits-1) (auto-round's; the "
                    "default of --method autoround with --sym)")
+    c.add_argument("--grid-search", choices=("minmax", "mse"), default=None,
+                   help="each group's grid from its min/max range, or mse: the shrunk range (factors 1 to 0.21) with "
+                   "the smallest sum |w - q|^2.4, as IST-DASLab/gptq's mse search (gptq, rtn, sparsegpt; default: "
+                   "mse for gptq, minmax for rtn and sparsegpt)")
     c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by descending Hessian diagonal (default: on for gptq)")
     c.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,

@@ -8,6 +8,7 @@ from typing import Any
 
 from streamq.errors import StreamqError
 from streamq.methods import COMMON, get_method, names
+from streamq.quant.grid import GRID_SEARCHES
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -60,6 +61,9 @@ NEUTRAL = {
     "qq_zero_bits": None, "qq_groupsize": 16, "outlier_threshold": math.inf, "simplified_outliers": False,
     # SparseGPT (issue 18): fraction of weights pruned; "0:0" = unstructured, "N:M" = N zeros per M input columns
     "sparsity": 0.0, "mask_structure": "0:0",
+    # grid fitting (quant/grid.py fit_grid): "minmax" = each group's min/max range; "mse" = the shrunk range with the
+    # smallest |w - q|^2.4 (IST-DASLab/gptq's mse search); read by GPTQ, RTN and SparseGPT
+    "grid_search": "minmax",
 }
 # CLI spellings where the flag is not --field-name (booleans whose flag turns the default off)
 FLAGS = {"true_sequential": "--no-true-sequential", "minmax_tuning": "--no-minmax-tuning",
@@ -142,6 +146,8 @@ class QuantConfig:
     # SparseGPT (issue 18; methods/sparsegpt.py): see NEUTRAL
     sparsity: float = UNSET
     mask_structure: str = UNSET
+    # grid fitting (quant/grid.py fit_grid; issue 14): "minmax" | "mse", see NEUTRAL
+    grid_search: str = UNSET
     # SmoothQuant and activation quantization (streamq/quant/smooth.py, streamq/quant/actquant.py): read by every
     # method (RTN calibrates the activations it needs); see check_activation_fields for what each combination means.
     smooth_alpha: float | None = None
@@ -188,6 +194,8 @@ class QuantConfig:
             raise StreamqError(f"--seed {self.seed}: must be non-negative")
         if self.moe_min_tokens < 0:
             raise StreamqError(f"--moe-min-tokens {self.moe_min_tokens}: must be non-negative")
+        if self.grid_search not in GRID_SEARCHES:
+            raise StreamqError(f"--grid-search {self.grid_search!r}: choose one of {', '.join(GRID_SEARCHES)}")
         if method.check is not None:
             method.check(self)
         from streamq.quant.actquant import check_activation_fields

@@ -231,3 +231,15 @@ def test_jsonl_token_lines_must_be_integer_lists(tmp_path, tiny_tokenizer):
     (tmp_path / "w.jsonl").write_text("[1, 2, 3]\n[1, 2.5, 3]\n")
     with pytest.raises(StreamqError, match="w.jsonl:2: expected a JSON list of integer token ids"):
         calibration_windows(tiny_tokenizer, str(tmp_path / "w.jsonl"), 2, 3)
+
+
+def test_tokenize_through_the_backend_equals_the_tokenizer_call():
+    """tokenize() encodes with the fast tokenizer's backend (no offsets: less memory); the ids are the tokenizer
+    call's, and a backend that would truncate is not used that way."""
+    from tests.conftest import make_tokenizer, sample_text
+
+    tok, text = make_tokenizer(), sample_text() * 3
+    want = tok([text], add_special_tokens=False, return_attention_mask=False)["input_ids"][0]
+    assert len(want) > 64 and data.tokenize(tok, [text])[0].tolist() == want
+    tok.backend_tokenizer.enable_truncation(max_length=16)
+    assert data.tokenize(tok, [text])[0].tolist() == want

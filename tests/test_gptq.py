@@ -27,7 +27,7 @@ def naive_gptq(W, H, cfg):
     H[dead, dead] = 1
     W[:, dead] = 0
     gs = n if cfg.group_size == -1 else cfg.group_size
-    static = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym) for c in range(0, n, gs)]
+    static = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, search=cfg.grid_search) for c in range(0, n, gs)]
     perm = torch.argsort(H.diag(), descending=True) if cfg.act_order else torch.arange(n)
     W, H = W[:, perm], H[perm][:, perm]
     H += cfg.damp * H.diag().mean() * torch.eye(n, dtype=H.dtype)
@@ -41,7 +41,7 @@ def naive_gptq(W, H, cfg):
             g_idx[perm[i]] = int(perm[i]) // gs
         else:
             if i % gs == 0:
-                scale, zero = fit_grid(W[:, i : i + gs], cfg.bits, cfg.sym)
+                scale, zero = fit_grid(W[:, i : i + gs], cfg.bits, cfg.sym, search=cfg.grid_search)
             g_idx[perm[i]] = i // gs
         codes[:, i : i + 1] = quantize_codes(W[:, i : i + 1], scale, zero, cfg.maxq)
         q = dequantize(codes[:, i : i + 1], scale, zero)[:, 0]

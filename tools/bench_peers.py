@@ -42,6 +42,19 @@ ROWS = {  # name -> (tool, extra flags)
                                          "--no-true-sequential"]),
     "llmc-w3-asym": ("llmc", {"bits": 3, "sym": False}),
     "streamq-w3-asym-ao": ("streamq", ["--bits", "3", "--asym", "--act-order", "--static-groups"]),
+    # the grid search (quant/grid.py fit_grid), act-order + static groups
+    "streamq-asym-minmax": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups",
+                                        "--grid-search", "minmax"]),
+    "streamq-asym-mse": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups",
+                                     "--grid-search", "mse"]),
+    "streamq-sym-minmax": ("streamq", ["--bits", "4", "--sym", "--act-order", "--static-groups",
+                                       "--grid-search", "minmax"]),
+    "streamq-sym-mse": ("streamq", ["--bits", "4", "--sym", "--act-order", "--static-groups", "--grid-search", "mse"]),
+    "streamq-w3-asym-minmax": ("streamq", ["--bits", "3", "--asym", "--act-order", "--static-groups",
+                                           "--grid-search", "minmax"]),
+    "streamq-w3-asym-mse": ("streamq", ["--bits", "3", "--asym", "--act-order", "--static-groups",
+                                        "--grid-search", "mse"]),
+    "streamq-default": ("streamq", ["--bits", "4"]),  # whatever the defaults are
 }
 
 PEER = r"""

@@ -15,6 +15,7 @@ import inspect
 import torch
 from torch import nn
 
+from streamq.calib.embed_rows import EmbeddingRows
 from streamq.errors import StreamqError
 from streamq.forward import batched_kwargs, run_block  # noqa: F401 (moved to forward.py; re-exported)
 from streamq.io.blocks import ModelLayout, materialize
@@ -145,22 +146,26 @@ def to_meta(v):
 
 
 class ModelEnds:
-    """Embeddings (and, with_head, final norm + lm_head) materialized on device; blocks stay on meta."""
+    """Embeddings (and, with_head, final norm + lm_head) materialized on device; blocks stay on meta. Without
+    the head, the input embedding's table is not materialized: each capture gathers the rows its ids need from
+    the memory-mapped checkpoint (calib/embed_rows.py), bit-identical, without the table in the compute dtype."""
 
     def __init__(self, layout: ModelLayout, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  with_head: bool):
         self.layout, self.device, self.with_head = layout, device, with_head
         self.module = layout.model if with_head else layout.decoder
         prefix = "" if with_head else layout.decoder_prefix
+        self.rows = None if with_head else EmbeddingRows.of(self.module, prefix, ckpt, layout, device, dtype)
         with layout.blocks_replaced(nn.Identity()):
-            materialize(self.module, prefix, ckpt, layout, device, dtype)
+            materialize(self.module, prefix, ckpt, layout, device, dtype, exclude=(self.rows.param,) if self.rows else ())
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """input_ids [1, seq] -> (hidden [1, seq, hidden] entering block 0 in the compute dtype, the kwargs of
         each block's call, by block index)."""
-        trace, _ = traced_forward(self.layout, lambda: self.module(input_ids=input_ids.to(self.device),
-                                                                   use_cache=False))
+        with self.rows.serving() if self.rows else contextlib.nullcontext():
+            trace, _ = traced_forward(self.layout, lambda: self.module(input_ids=input_ids.to(self.device),
+                                                                       use_cache=False))
         return trace.hidden, trace.kwargs
 
     def block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -254,12 +254,20 @@ def tokenize(tokenizer, texts: list[str]) -> list[torch.Tensor]:
             pieces.append(piece)
             owner.append(k)
     parts: list[list[torch.Tensor]] = [[] for _ in texts]
+    # A fast tokenizer's own backend without offsets: the same ids as tokenizer(...) (which sets no truncation or
+    # padding here), ~25% less peak memory per 1 MiB piece (SmolLM2's: +131 MB instead of +177 MB)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None \
+        and backend.padding is None
     for b in range(0, len(pieces), CHUNKS_PER_CALL):
         batch = pieces[b:b + CHUNKS_PER_CALL]
         # verbose=False: the "longer than the specified maximum sequence length" warning does not
         # apply, windows are cut afterwards.
-        ids = tokenizer(batch, add_special_tokens=False, verbose=False,
-                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        if plain:
+            ids = [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+        else:
+            ids = tokenizer(batch, add_special_tokens=False, verbose=False,
+                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         for k, row in zip(owner[b:b + CHUNKS_PER_CALL], ids):
             parts[k].append(torch.from_numpy(np.array(row, dtype=np.int64)))  # ~2x faster than torch.tensor
     return [torch.cat(p) if p else torch.zeros(0, dtype=torch.int64) for p in parts]

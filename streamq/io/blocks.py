@@ -167,7 +167,8 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelL
 
     prefix: the submodule's name in the checkpoint plus "." ("" for the whole model). Tied weights that the
     checkpoint omits (lm_head when tie_word_embeddings) are taken from their source tensor. Parameters whose
-    names start with one of `exclude` stay on the meta device (streamed experts, quant/expert_stage.py).
+    names start with one of `exclude` stay on the meta device (streamed experts,
+    quant/expert_stage.py; the input embedding, served by calib/capture.py's EmbeddingRows).
     """
     tied = getattr(layout.model, "all_tied_weights_keys", None) or getattr(layout.model, "_tied_weights_keys", {}) or {}
     state, loaded = {}, {}

@@ -9,5 +9,5 @@ def solve(W, H, cfg):
     return rtn_quantize(W, cfg), 0.0, 0.0
 
 
-METHOD = Method(name="rtn", fields=("full_range",), solve=solve, calibrated=False, footprint="rtn", estimate="rtn",
+METHOD = Method(name="rtn", fields=("full_range", "grid_search"), solve=solve, calibrated=False, footprint="rtn", estimate="rtn",
                 reference="tests.reference:reference_quantize")

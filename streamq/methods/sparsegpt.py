@@ -34,13 +34,15 @@ def check(cfg: QuantConfig) -> None:
     if m and cfg.bits != 16 and cfg.group_size != -1 and cfg.group_size % m:
         raise StreamqError(f"--group-size {cfg.group_size}: must be a multiple of M = {m} "
                            f"(--mask-structure {cfg.mask_structure}) or -1")
-    if cfg.bits == 16 and (not cfg.sym or cfg.full_range):
-        raise StreamqError("--bits 16 prunes only (weights stay fp16, no grid): drop --asym / --full-range")
+    if cfg.bits == 16 and (not cfg.sym or cfg.full_range or cfg.grid_search != "minmax"):
+        raise StreamqError("--bits 16 prunes only (weights stay fp16, no grid): drop --asym / --full-range / "
+                           "--grid-search")
 
 
 METHOD = Method(
     name="sparsegpt",
-    fields=("sparsity", "mask_structure", "full_range", "damp", "block_columns", "true_sequential"),
+    fields=("sparsity", "mask_structure", "full_range", "damp", "block_columns", "true_sequential",
+            "grid_search"),
     defaults={"sparsity": default_sparsity},
     solve=solve,
     check=check,

@@ -159,7 +159,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     n_groups = math.ceil(cols / gs)
     W[:, f.dead] = 0
     if cfg.static_groups:  # grids from the original weights, in original column order
-        grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range) for c in range(0, cols, gs)]
+        grids = [fit_grid(W[:, c : c + gs], cfg.bits, cfg.sym, cfg.full_range, cfg.grid_search)
+                 for c in range(0, cols, gs)]
     perm, Hinv, damp = f.perm, f.Hinv, f.damp
     if cfg.act_order:  # (the identity permutation would only copy W)
         W = W[:, perm]
@@ -177,7 +178,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
             groups = group_of[i1:i2]
         else:
             if i1 % gs == 0:  # a group start (see batch_bounds): W[:, i1:] has every earlier update
-                scales[i1 // gs], zeros[i1 // gs] = fit_grid(W[:, i1 : i1 + gs], cfg.bits, cfg.sym, cfg.full_range)
+                scales[i1 // gs], zeros[i1 // gs] = fit_grid(W[:, i1 : i1 + gs], cfg.bits, cfg.sym, cfg.full_range,
+                                                              cfg.grid_search)
             groups = [i1 // gs] * (i2 - i1)
         Err1 = column_batch(W[:, i1:i2], Hinv[i1:i2, i1:i2], scales[groups], zeros[groups], cfg.maxq, losses,
                             codesT[i1:i2], QT[i1:i2])

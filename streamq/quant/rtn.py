@@ -24,7 +24,7 @@ def rtn_quantize(W: Tensor, cfg: QuantConfig) -> QuantResult:
     zeros = W.new_empty(n_groups, rows)
     for g, c0 in enumerate(range(0, cols, gs)):
         block = W[:, c0 : c0 + gs]
-        scales[g], zeros[g] = fit_grid(block, cfg.bits, cfg.sym, cfg.full_range)
+        scales[g], zeros[g] = fit_grid(block, cfg.bits, cfg.sym, cfg.full_range, cfg.grid_search)
         codes[:, c0 : c0 + gs] = quantize_codes(block, scales[g], zeros[g], cfg.maxq)
         weight[:, c0 : c0 + gs] = dequantize(codes[:, c0 : c0 + gs], scales[g], zeros[g])
 

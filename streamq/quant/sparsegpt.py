@@ -108,7 +108,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: QuantConfig) -> SparseGPTOutput:
                     mask[:, c:c + m] = _lowest(W1[:, i:i + m] ** 2 / d1[i:i + m] ** 2, n, dim=1)
                 if quantized and c % gs == 0:  # a batch start (batch_bounds): W[:, c:] is fully updated
                     kept = torch.where(mask[:, c:c + gs], 0.0, W[:, c:c + gs])
-                    scale, zero = fit_grid(kept, cfg.bits, cfg.sym, cfg.full_range)
+                    scale, zero = fit_grid(kept, cfg.bits, cfg.sym, cfg.full_range, cfg.grid_search)
                     scales[c // gs], zeros[c // gs] = scale, zero
                 w = W1[:, i]
                 q = torch.where(mask[:, c], 0.0, w)[:, None]
