@@ -157,7 +157,8 @@ class ModelEnds:
         prefix = "" if with_head else layout.decoder_prefix
         self.rows = None if with_head else EmbeddingRows.of(self.module, prefix, ckpt, layout, device, dtype)
         with layout.blocks_replaced(nn.Identity()):
-            materialize(self.module, prefix, ckpt, layout, device, dtype, exclude=(self.rows.param,) if self.rows else ())
+            materialize(self.module, prefix, ckpt, layout, device, dtype,
+                        exclude=(self.rows.param,) if self.rows else ())
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
