@@ -60,7 +60,7 @@ def test_reduces_to_gptq_without_outliers_and_second_level(act_order):
         cfg = spqr(bits=4, group_size=group_size, act_order=act_order, damp=0.05, block_columns=32)
         r = spqr_quantize(W, H, cfg)
         g = gptq_quantize(W, H, QuantConfig(bits=4, group_size=group_size, sym=False, act_order=act_order, static_groups=False,
-                                            damp=0.05, block_columns=32))
+                                            damp=0.05, block_columns=32, grid_search="minmax"))  # SpQR: min/max
         assert torch.equal(r.codes[:, torch.argsort(r.perm)], g.result.codes)
         assert torch.equal(r.scale, g.result.scales) and torch.equal(r.zero.to(torch.uint8), g.result.zeros)
         assert torch.equal(r.weight, g.result.weight)
