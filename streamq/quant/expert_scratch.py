@@ -20,17 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from streamq.formats.gptq import GPTQTensors, dense_gptq
 from streamq.io.manifest import fsync_path, read_json, write_json_atomic
 from streamq.methods import QuantResult
 
 RECORD = "record.json"
 FIELDS = ("codes", "scales", "zeros", "g_idx")  # QuantResult's fields a packer reads (the weight follows)
-
-
-def dequantized(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """The fake-quantized weight [out, in] fp32 of a QuantResult's codes, scales, zeros and g_idx."""
-    g = g_idx.long()
-    return scales[g].t() * (codes.float() - zeros[g].t().float())
 
 
 class LazyResult:
@@ -42,7 +37,8 @@ class LazyResult:
     def load(self) -> QuantResult:
         with safe_open(str(self.path), framework="pt") as f:
             codes, scales, zeros, g_idx = (f.get_tensor(f"{self.name}.{k}") for k in FIELDS)
-        return QuantResult(dequantized(codes, scales, zeros, g_idx), codes, scales, zeros, g_idx)
+        weight = dense_gptq(GPTQTensors(codes, scales, zeros, g_idx))  # exact: the QuantResult invariant
+        return QuantResult(weight, codes, scales, zeros, g_idx)
 
 
 class ExpertScratch:
