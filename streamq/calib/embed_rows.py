@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from streamq.errors import StreamqError
-from streamq.io.checkpoint import DTYPES, Checkpoint, file_sha256
+from streamq.io.checkpoint import DTYPES, Checkpoint, check_stored_finite, file_sha256
 
 
 class EmbeddingRows:
@@ -64,8 +64,7 @@ class EmbeddingRows:
             picked = table.index_select(0, ids.cpu())  # only these rows' pages are read
         finally:
             del raw
-        if not torch.isfinite(picked).all():
-            raise StreamqError(f"{self.info.file.name}: tensor {self.source} contains NaN or Inf")
+        check_stored_finite(picked, self.info.file, self.source)
         return picked.to(device=self.device, dtype=self.dtype)
 
     @contextlib.contextmanager

@@ -194,8 +194,7 @@ class Checkpoint:
             raise StreamqError(f"{info.file}: cannot read tensor {name} ({str(e)[:100]})") from None
         if self.digests is not None:  # the bytes as stored in the file: what a resume hashes again
             self.digests[name] = hashlib.sha256(_raw_bytes(t)).hexdigest()
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise StreamqError(f"{info.file.name}: tensor {name} contains NaN or Inf")
+        check_stored_finite(t, info.file, name)
         return t.to(device)
 
     def close(self) -> None:
@@ -219,6 +218,12 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         info = self.tensors[name]
         return info.end - info.begin
+
+
+def check_stored_finite(t: torch.Tensor, file: Path, name: str) -> None:
+    """Raise StreamqError when t (stored tensor `name` of `file`, or rows of it) is floating and not all finite."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise StreamqError(f"{file.name}: tensor {name} contains NaN or Inf")
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
