@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from streamq.errors import StreamqError
@@ -212,9 +212,10 @@ class QuantConfig:
                 raise StreamqError(f"{flag(name)} ({name}={value!r}) is not read by --method {self.method} "
                                    f"(it is an option of {', '.join(readers) or 'no method'}); drop it")
         resolved = {**NEUTRAL, **given}
+        others = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NEUTRAL}  # bits, act_bits, ...
         for name, default in method.defaults.items():  # in declaration order: a callable sees those before it
             if name not in given:
-                resolved[name] = default(resolved) if callable(default) else default
+                resolved[name] = default({**others, **resolved}) if callable(default) else default
         for name in NEUTRAL:
             object.__setattr__(self, name, resolved[name])
 

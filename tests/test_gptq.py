@@ -251,6 +251,19 @@ def test_hessian_accumulator_mean_and_split_invariance():
     torch.testing.assert_close(acc.H.double(), 2 * X[0].double().T @ X[0].double(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [1, 5, 16, 19])
+def test_hessian_accumulator_symmetric_from_its_upper_strips(width):
+    """add() multiplies only the upper block-triangle; H (read between adds too) is the full, exactly symmetric x^T x."""
+    g = torch.Generator().manual_seed(width)
+    X = torch.randn(4, 7, width, generator=g)
+    acc = HessianAccumulator(width)
+    for k, sample in enumerate(X):
+        acc.add(sample[None])
+        tokens = X[: k + 1].reshape(-1, width).double()
+        torch.testing.assert_close(acc.H.double(), 2 / (k + 1) * tokens.T @ tokens, rtol=1e-5, atol=1e-5)
+        assert torch.equal(acc.H, acc.H.T)
+
+
 def test_hessian_accumulator_no_overflow():
     acc = HessianAccumulator(4)
     for _ in range(50):

@@ -8,7 +8,8 @@ import streamq
 from streamq.cli import main
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.grid import fit_grid
+from streamq.quant.grid import fit_grid, fit_groups
+
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.rtn import rtn_quantize
 from tests.conftest import make_tiny_model
@@ -20,14 +21,16 @@ GRIDS = [dict(sym=False), dict(sym=True), dict(sym=True, full_range=True)]
 GRID_IDS = ["asym", "sym", "full_range"]
 
 
-def reference_mse_grid(x, bits, sym, full_range=False, grid=100, maxshrink=0.8, norm=2.4):
+def reference_mse_grid(x, bits, sym, full_range=False, grid=100, maxshrink=0.8, norm=2.4, patience=20):
     """IST-DASLab/gptq Quantizer.find_params(weight=True) with mse=True, one row per channel, as a plain loop over
-    shrink factors p = 1 - i/grid, with streamq's fp16 scale and asym zero clamp (and its full-range grid)."""
+    shrink factors p = 1 - i/grid, with streamq's fp16 scale and asym zero clamp (and its full-range grid); a row
+    stops after `patience` shrinks in a row without a strict improvement (None: never)."""
     maxq = 2**bits - 1
     xmin = torch.minimum(x.min(1)[0], torch.zeros(x.shape[0]))
     xmax = torch.maximum(x.max(1)[0], torch.zeros(x.shape[0]))
     best = torch.full([x.shape[0]], float("inf"))
     scale, zero = torch.zeros(x.shape[0]), torch.zeros(x.shape[0])
+    misses, searching = torch.zeros(x.shape[0]), torch.ones(x.shape[0], dtype=torch.bool)
     for i in range(int(maxshrink * grid)):
         p = 1 - i / grid
         lo, hi = p * xmin, p * xmax
@@ -47,8 +50,10 @@ def reference_mse_grid(x, bits, sym, full_range=False, grid=100, maxshrink=0.8, 
             z1 = torch.full_like(s1, (maxq + 1) / 2) if sym else torch.round(-lo / s1).clamp(1, maxq)
         q = torch.clamp(torch.round(x / s1[:, None]) + z1[:, None], 0, maxq)
         err = (s1[:, None] * (q - z1[:, None]) - x).abs().pow(norm).sum(1)
-        better = err < best
+        better = (err < best) & searching
         best[better], scale[better], zero[better] = err[better], s1[better], z1[better]
+        misses = torch.where(better, 0, misses + 1)
+        searching &= patience is None or misses < patience
     return scale, zero
 
 
@@ -71,17 +76,35 @@ def weights(rows=96, cols=64, seed=0, heavy=False):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
-def test_mse_grid_equals_a_plain_loop_over_shrink_factors(bits, grid, monkeypatch):
+@pytest.mark.parametrize("patience", [20, 3])
+def test_mse_grid_equals_a_plain_loop_over_shrink_factors(bits, grid, patience, monkeypatch):
     import streamq.quant.grid as grid_module
 
+    monkeypatch.setattr(grid_module, "MSE_PATIENCE", patience)
     wide = torch.rand(4, 4096, generator=torch.Generator().manual_seed(bits)) * 0.3 - 0.15
     wide[:, 0] = 1.0  # one outlier over a long row: clipping it pays, down to the largest shrink allowed
+    stopped_early = False
     for w in (weights(seed=bits), weights(seed=bits, heavy=True), wide):
-        ref = reference_mse_grid(w, bits, **grid)
+        ref = reference_mse_grid(w, bits, patience=patience, **grid)
+        full = reference_mse_grid(w, bits, patience=None, **grid)
+        stopped_early |= not torch.equal(ref[0], full[0])
         for chunk in (1 << 19, 7 * 96 * 64, 2048):  # one chunk; 7 shrink factors a chunk (96 x 64); rows a chunk
             monkeypatch.setattr(grid_module, "_MSE_CHUNK", chunk)
             scale, zero = fit_grid(w, bits, search="mse", **grid)
             assert torch.equal(scale, ref[0]) and torch.equal(zero, ref[1]), chunk
+    if patience == 3 and bits < 8:  # the stop is exercised: some row's best lies beyond 3 misses in a row
+        assert stopped_early
+
+
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_fit_groups_equals_fit_grid_per_group(search):
+    w = weights(rows=40, cols=192, seed=3, heavy=True)
+    scales, zeros = fit_groups(w, 64, 4, False, search=search)
+    for g in range(3):
+        s, z = fit_grid(w[:, 64 * g : 64 * (g + 1)], 4, False, search=search)
+        assert torch.equal(scales[g], s) and torch.equal(zeros[g], z)
+    s, z = fit_grid(w, 4, False, search=search)
+    assert torch.equal(fit_groups(w, -1, 4, False, search=search)[0][0], s)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -105,8 +128,8 @@ def test_mse_grid_never_worse_than_minmax_and_better_on_heavy_tails(bits, grid):
 @pytest.mark.parametrize("cfg", [dict(method="rtn", group_size=32, sym=False),
                                  dict(method="rtn", group_size=-1, bits=3),
                                  dict(group_size=32, sym=False, bits=3),
-                                 dict(group_size=32, act_order=False),
-                                 dict(group_size=48, act_order=True, static_groups=False, block_columns=32)],
+                                 dict(group_size=32, act_order=False, sym=True),
+                                 dict(group_size=48, act_order=True, static_groups=False, block_columns=32, sym=True)],
                          ids=["rtn-asym", "rtn-w3-channel", "gptq-asym-w3", "gptq-in-order", "gptq-dynamic"])
 def test_results_keep_the_packers_invariant_and_the_error_drops(cfg):
     W, H = correlated_problem(out=64, inp=96, dtype=torch.float32)

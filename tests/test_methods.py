@@ -54,7 +54,9 @@ def test_a_method_registered_in_a_test_runs_through_compress(tmp_path, zero_meth
 
 
 def test_defaults_live_with_the_method():
-    assert (QuantConfig().act_order, QuantConfig().static_groups, QuantConfig().sym) == (True, True, True)
+    assert (QuantConfig().act_order, QuantConfig().static_groups, QuantConfig().sym) == (True, True, False)
+    assert QuantConfig(bits=8).sym and QuantConfig(full_range=True).sym and QuantConfig(bits=3).sym is False
+    assert QuantConfig(method="rtn").sym and not QuantConfig(sym=False, bits=8).sym  # RTN's own; given wins
     assert QuantConfig(act_order=False).static_groups is False  # static groups follow act-order
     assert QuantConfig(method="spqr").sym is False
     assert (QuantConfig(method="spqr").act_order, QuantConfig(method="autoround").act_order) == (False, False)

@@ -7,6 +7,9 @@ import torch
 from torch import Tensor
 
 
+_STRIPS = 4  # add() multiplies the upper block-triangle of x^T x in this many column strips
+
+
 class HessianAccumulator:
     """Running H = 2/nsamples * sum_tokens x^T x over a Linear's calibration inputs, [in, in] fp32.
 
@@ -19,6 +22,7 @@ class HessianAccumulator:
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._nsamples = 0
+        self._mirrored = True  # the lower triangle equals the upper one (H is read from both)
 
     def add(self, x: Tensor) -> None:
         """Accumulate x: [..., in] (any dtype/device; flattened to tokens, computed in fp32 on H's device)."""
@@ -29,11 +33,19 @@ class HessianAccumulator:
         self._H *= self._nsamples / (self._nsamples + batch)
         self._nsamples += batch
         x = math.sqrt(2 / self._nsamples) * x
-        self._H.addmm_(x.t(), x)
+        d = x.shape[1]
+        width = -(-d // _STRIPS)
+        for i in range(0, d, width):  # upper block-triangle only: x^T x is symmetric (5/8 of the full product's work)
+            self._H[i : i + width, i:].addmm_(x[:, i : i + width].t(), x[:, i:])
+        self._mirrored = False
 
     @property
     def H(self) -> Tensor:
-        """The accumulated [in, in] fp32 Hessian (the live buffer: do not modify it in place)."""
+        """The accumulated [in, in] fp32 Hessian, exactly symmetric (the live buffer: do not modify it in place)."""
+        if not self._mirrored:  # the upper triangle, diagonal included, mirrored onto the lower one
+            upper = torch.triu(self._H)
+            self._H.copy_(upper).add_(torch.triu(upper, diagonal=1).t())
+            self._mirrored = True
         return self._H
 
     @property
