@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Interleaved A/B of two streamq installs on the same GPTQ run (issue 14's protocol): wall and max RSS by
+# Interleaved A/B of two streamq installs on the same GPTQ run (issue 14's protocol): wall, user + sys CPU and max RSS by
 # /usr/bin/time, and the report's peak. Not in CI.
 #   tools/ab_compress.sh PYTHON_A PYTHON_B [ROUNDS] [extra compress flags...]
 # PYTHON_A / PYTHON_B: interpreters whose `import streamq` is each version (e.g. a venv with
@@ -20,7 +20,7 @@ for r in $(seq "$rounds"); do
     py=$a; [ "$v" = B ] && py=$b
     rm -rf "$work/out"
     echo "$v round $r: load $(cut -d' ' -f1-3 /proc/loadavg)"
-    /usr/bin/time -f "$v round $r: wall %e s, max RSS %M kB" "$py" -m streamq.cli compress "$model" "$work/out" \
+    /usr/bin/time -f "$v round $r: wall %e s, user %U s, sys %S s, max RSS %M kB" "$py" -m streamq.cli compress "$model" "$work/out" \
       --bits 4 --group-size 64 --calib "$data/austen-calib.txt" --nsamples 32 --seqlen 512 --no-progress "$@" \
       > "$work/log" 2>&1 || { cat "$work/log"; exit 1; }
     tail -1 "$work/log"

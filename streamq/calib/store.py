@@ -10,6 +10,10 @@ per slot with the same API.
 Which samples hold data is tracked in memory (a sample is written before it is read, a slot complete before a
 manifest points at it); a store reopened for a resume takes a slot whose every chunk is stored as complete.
 flush() makes a slot durable with one filesystem sync (syncfs) rather than one fsync per sample file.
+Reads of an uncompressed slot (the one layout streamq writes) skip zarr's async machinery: the chunk file, named
+by zarr's own chunk key, holds the sample's raw little-endian bytes (zarr v3's `bytes` codec), read with one
+preadv into the tensor returned (~0.15 ms for a SmolLM2 sample against ~1 ms through zarr; a block reads its
+inputs once per pass).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BytesCodec
+from zarr.codecs.bytes import Endian
 
 from streamq.errors import StreamqError, disk_full
 from streamq.io.manifest import fsync_path
@@ -143,8 +150,30 @@ class ActivationStore:
             raise StreamqError(f"activation store {self._path or '(RAM)'}: sample {i} of slot {slot} was never written")
         if self._tensors is not None:
             return self._tensors[slot][i:i + 1].clone()
+        if _raw_little_endian(self._arrays[slot]):
+            return self._read_chunk_file(slot, i)
         x = torch.from_numpy(self._arrays[slot][i:i + 1])
         return x.view(self.dtype) if self.dtype == torch.bfloat16 else x
+
+    def _read_chunk_file(self, slot: str, i: int) -> torch.Tensor:
+        """Sample i of an uncompressed slot, read from its chunk file: [1, seqlen, hidden] of the store's dtype."""
+        x = torch.empty(1, self.seqlen, self.hidden, dtype=self.dtype)
+        view, done = memoryview(x.view(-1).view(torch.uint8).numpy()), 0
+        path = self._sample_key(slot, i)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while done < len(view) and (n := os.preadv(fd, [view[done:]], done)):
+                    done += n
+                extra = os.pread(fd, 1, done)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StreamqError(f"activation store {self._path}: cannot read sample {i} of slot {slot} ({e})") from None
+        if done < len(view) or extra:
+            raise StreamqError(f"activation store {path}: holds {'more' if extra else done} bytes, a sample is "
+                               f"{len(view)} (not written by this store?)")
+        return x
 
     def write(self, slot: str, i: int, x: torch.Tensor) -> None:
         """Store x: [1, seqlen, hidden] of exactly the store's dtype, on any device, as sample i."""
@@ -270,6 +299,14 @@ def sync_filesystem(path: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _raw_little_endian(arr: zarr.Array) -> bool:
+    """Whether arr's chunks are stored as their raw bytes, little-endian, whole (no compressor, filter or sharding):
+    then a chunk file is the sample's bytes as torch holds them (x86 / ARM are little-endian)."""
+    codecs = arr.metadata.codecs
+    return (sys.byteorder == "little" and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+            and codecs[0].endian in (Endian.little, None))
 
 
 def _check_slot(slot: str, allowed: tuple[str, ...] = SLOTS + FP_SLOTS) -> None:
