@@ -33,7 +33,7 @@ from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, plan_shards
-from streamq.memstat import release_free_heap
+from streamq.memstat import release_unused_memory
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.outputs import block_tensors, block_unit, plan_units, source_map
 from streamq.progress import BlockProgress, phase
@@ -95,11 +95,12 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
 
     tokens = None  # 2
     if cfg.calibrated:  # the method's data, or activation statistics (smoothing, static / KV-cache scales)
+        release_unused_memory()  # library pages the imports and the skeleton touched once
         phase(f"tokenizing the calibration text into {opts.nsamples} windows of {opts.seqlen} tokens", opts.progress)
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
         del tokenizer
-        release_free_heap()
+        release_unused_memory()
         longest = ckpt.config.get("max_position_embeddings")
         if longest and opts.seqlen > longest:  # rotary models run past it, but on positions never trained
             logging.getLogger("streamq").warning(f"warning: --seqlen {opts.seqlen} exceeds the model's "
@@ -133,7 +134,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         store.before_write = writes.wait
     try:
         for i in range(manifest["next_block"], layout.n_blocks):  # 5
-            release_free_heap()  # what tokenizing, the capture or the last block freed: the peak is one phase's
+            release_unused_memory()  # what tokenizing, the capture or the last block freed: the peak is one phase's
             start, store_io = time.perf_counter(), store.io_seconds if store else 0.0
             io_wait = readahead.wait(i)
             if i + 1 < layout.n_blocks:
@@ -175,6 +176,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         writes.close()  # last: it re-raises a failed pending write
     progress.close()
 
+    release_unused_memory()  # what the last block freed, before the non-block tensors are read
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device, fmt)  # 6
     if (out / WORK_DIR / "experts").exists():  # the parent of the blocks' expert scratch folders (MoE runs)
         shutil.rmtree(out / WORK_DIR / "experts", ignore_errors=True)
