@@ -33,7 +33,7 @@ from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, plan_shards
-from streamq.memstat import release_unused_memory
+from streamq.memstat import release_free_heap, release_unused_memory
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.outputs import block_tensors, block_unit, plan_units, source_map
 from streamq.progress import BlockProgress, phase
@@ -128,13 +128,14 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
               f"capturing block-0 inputs: the embeddings of {len(tokens)} calibration windows", opts.progress)
         store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, cfg.fp_stream)  # 4
 
+    release_unused_memory()  # what tokenizing and the capture left (heap, library pages touched once)
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
     writes = WriteBehind()  # block i is written and recorded while block i + 1 computes
     if store is not None:  # ... but the store slot a resume would restart from is kept until then
         store.before_write = writes.wait
     try:
         for i in range(manifest["next_block"], layout.n_blocks):  # 5
-            release_unused_memory()  # what tokenizing, the capture or the last block freed: the peak is one phase's
+            release_free_heap()  # what the last block freed: the peak is one block's, not the sum of theirs
             start, store_io = time.perf_counter(), store.io_seconds if store else 0.0
             io_wait = readahead.wait(i)
             if i + 1 < layout.n_blocks:

@@ -230,6 +230,11 @@ def check_stored_finite(t: torch.Tensor, file: Path, name: str, chunk: int = 1 <
             raise StreamqError(f"{file.name}: tensor {name} contains NaN or Inf")
 
 
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as safetensors stores them (C order, native little-endian)."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def read_chunks(path: Path, begin: int, end: int, buf: bytearray) -> Iterator[memoryview]:
     """Bytes [begin, end) of a file, read into buf (len(buf) bytes at a time; fewer when the file is shorter)."""
     with open(path, "rb", buffering=0) as f:
