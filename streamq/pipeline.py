@@ -24,6 +24,7 @@ from streamq.errors import StreamqError
 from streamq.fallback import CPU, attempt_dtype, with_fallback
 from streamq.formats import get_format, output_config, resolve_formats
 from streamq.formats import spqr as spqr_format
+from streamq.footprint import bound_heap
 from streamq.formats.export import export_missing
 from streamq.ignore import head_tensors, loader_hints, quantized_linears, resolve_ignore
 from streamq.io.blocks import ModelLayout, block_names, build_layout, non_block_names, release_block
@@ -83,6 +84,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     The layout (what the shards hold) is a format module of streamq/formats chosen by opts.formats.
     """
     out = Path(out)
+    bound_heap()  # large temporaries get their own mappings, returned when freed: on SmolLM2 -40 MB per block
     layout_format, exports = resolve_formats(cfg, opts.formats)
     fmt = get_format(layout_format)
     ckpt = Checkpoint(model, hash_reads=True)  # 1

@@ -1,11 +1,13 @@
 """Where a `streamq compress` run's resident memory goes, phase by phase and block by block (not in CI).
 
-    .venv/bin/python tools/measure_rss.py [--interval 0.02] -- compress MODEL OUT --bits 4 ... --no-progress
+    .venv/bin/python tools/measure_rss.py [--interval 0.02] [--detail] [--smaps LABEL] \
+        -- compress MODEL OUT --bits 4 ... --no-progress
 
 Runs the CLI in this process with a sampler thread reading /proc/self/status every --interval seconds, and
-labels the samples by phase: imports, tokenizing, capture (block-0 inputs), block i, finish. Each phase's row:
+labels the samples by phase: imports, checkpoint, skeleton, tokenizing, output folder, capture (block-0
+inputs), block i (--detail: also its passes, solves and tails), finish. Each phase's row:
 VmRSS at its (last) end, the largest VmRSS seen during it, its RssAnon / RssFile at that moment (anonymous heap vs.
-file-backed pages such as the memory-mapped source), and VmHWM at its end. The phases are found by wrapping
+file-backed pages such as shared libraries'), and VmHWM at its end. The phases are found by wrapping
 the pipeline's stage functions here (this tool only; the package has no measuring hooks).
 """
 from __future__ import annotations
