@@ -291,7 +291,7 @@ def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     blocks in a heap it rarely shrinks: a GPTQ block's RSS then measured 25-40% above its live tensors, varying
     run to run; with the threshold fixed it follows the model above. Smaller temporaries (the GPTQ column
     loop's) still come from the heap, so the loop does not pay page faults. Process-wide: compress() sets it
-    when a --max-* budget is given. Returns False where there is no glibc mallopt."""
+    on every run (and apply_plan with a --max-* budget). Returns False where there is no glibc mallopt."""
     import ctypes
     import ctypes.util
 

@@ -186,7 +186,6 @@ def materialize(module: nn.Module, prefix: str, ckpt: Checkpoint, layout: ModelL
         if full in ckpt.tensors:  # persistent buffers saved in the checkpoint
             state[name] = ckpt.get(full, device)
     module.load_state_dict(state, strict=False, assign=True)
-    ckpt.close()
     for name, p in module.named_parameters(remove_duplicate=False):
         if p.is_meta and not name.startswith(exclude):
             raise StreamqError(f"{ckpt.folder}: tensor {layout.source_name(prefix + name)} is missing from the checkpoint")

@@ -100,7 +100,6 @@ class StreamedExperts(nn.Module):
             else:
                 w = self.ckpt.get(source, self.device).to(self.dtype)
             getattr(expert, name).weight = nn.Parameter(w, requires_grad=False)
-        self.ckpt.close()  # pages read through the maps would stay counted in RSS
         return expert
 
     def release(self, e: int) -> None:
