@@ -34,7 +34,7 @@ from streamq.io.prefetch import Prefetcher
 from streamq.io.writebehind import WriteBehind
 from streamq.interrupt import Interrupted
 from streamq.io.writer import ShardWriter, plan_shards
-from streamq.memstat import release_free_heap, release_unused_memory
+from streamq.memstat import release_free_heap
 from streamq.options import DEFAULT_CALIB, INDEX, MANIFEST, REPORT, TOKENIZER_FILES, WORK_DIR, RunOptions
 from streamq.outputs import block_tensors, block_unit, plan_units, source_map
 from streamq.progress import BlockProgress, phase
@@ -97,12 +97,11 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
 
     tokens = None  # 2
     if cfg.calibrated:  # the method's data, or activation statistics (smoothing, static / KV-cache scales)
-        release_unused_memory()  # library pages the imports and the skeleton touched once
         phase(f"tokenizing the calibration text into {opts.nsamples} windows of {opts.seqlen} tokens", opts.progress)
         tokenizer = load_tokenizer(ckpt.folder)
         tokens = calibration_windows(tokenizer, opts.calib or str(DEFAULT_CALIB), opts.nsamples, opts.seqlen, opts.seed)
         del tokenizer
-        release_unused_memory()
+        release_free_heap()
         longest = ckpt.config.get("max_position_embeddings")
         if longest and opts.seqlen > longest:  # rotary models run past it, but on positions never trained
             logging.getLogger("streamq").warning(f"warning: --seqlen {opts.seqlen} exceeds the model's "
@@ -130,7 +129,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
               f"capturing block-0 inputs: the embeddings of {len(tokens)} calibration windows", opts.progress)
         store, kwargs = prepare_store(layout, ckpt, tokens, out, opts, device, dtype, manifest, cfg.fp_stream)  # 4
 
-    release_unused_memory()  # what tokenizing and the capture left (heap, library pages touched once)
+    release_free_heap()  # what tokenizing and the capture freed
     progress = BlockProgress(layout.n_blocks, manifest["next_block"], opts.progress, device, store)
     writes = WriteBehind()  # block i is written and recorded while block i + 1 computes
     if store is not None:  # ... but the store slot a resume would restart from is kept until then
@@ -179,7 +178,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         writes.close()  # last: it re-raises a failed pending write
     progress.close()
 
-    release_unused_memory()  # what the last block freed, before the non-block tensors are read
+    release_free_heap()  # what the last block freed, before the non-block tensors are read
     finish(out, ckpt, layout, cfg, opts, writer, manifest, device, fmt)  # 6
     if (out / WORK_DIR / "experts").exists():  # the parent of the blocks' expert scratch folders (MoE runs)
         shutil.rmtree(out / WORK_DIR / "experts", ignore_errors=True)

@@ -23,7 +23,7 @@ from streamq.methods import get_method
 from streamq.errors import StreamqError
 from streamq.io.blocks import build_layout
 from streamq.io.checkpoint import Checkpoint
-from streamq.memstat import release_unused_memory
+from streamq.memstat import release_free_heap
 from streamq.device import resolve_device, resolve_dtype
 from streamq.options import MANIFEST, RunOptions
 
@@ -90,7 +90,7 @@ def make_plan(model, cfg: QuantConfig, opts: RunOptions, max_ram: int | None = N
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device, ckpt)
     f = footprint.facts(layout, ckpt, cfg, dtype, opts)
-    release_unused_memory()  # as compress() does before its blocks: the baseline its peak grows from
+    release_free_heap()  # as compress() does before its blocks: the baseline its peak grows from
     baseline = psutil.Process().memory_info().rss
     method = get_method(cfg.method)
     if not cfg.calibrated:
