@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 
-_STRIPS = 4  # add() multiplies the upper block-triangle of x^T x in this many column strips
+_STRIPS = 8  # add() multiplies the upper block-triangle of x^T x in this many column strips (9/16 of the work)
 
 
 class HessianAccumulator:
@@ -35,7 +35,7 @@ class HessianAccumulator:
         x = math.sqrt(2 / self._nsamples) * x
         d = x.shape[1]
         width = -(-d // _STRIPS)
-        for i in range(0, d, width):  # upper block-triangle only: x^T x is symmetric (5/8 of the full product's work)
+        for i in range(0, d, width):  # upper block-triangle only: x^T x is symmetric
             self._H[i : i + width, i:].addmm_(x[:, i : i + width].t(), x[:, i:])
         self._mirrored = False
 
