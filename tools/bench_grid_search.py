@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from safetensors import safe_open
 
 import streamq.quant.grid as grid
