@@ -35,6 +35,7 @@ from zarr.codecs import BytesCodec
 from zarr.codecs.bytes import Endian
 
 from streamq.errors import StreamqError, disk_full
+from streamq.io.fileread import pread_tensor
 from streamq.io.manifest import fsync_path
 
 SLOTS = ("a", "b")
@@ -157,22 +158,19 @@ class ActivationStore:
 
     def _read_chunk_file(self, slot: str, i: int) -> torch.Tensor:
         """Sample i of an uncompressed slot, read from its chunk file: [1, seqlen, hidden] of the store's dtype."""
-        x = torch.empty(1, self.seqlen, self.hidden, dtype=self.dtype)
-        view, done = memoryview(x.view(-1).view(torch.uint8).numpy()), 0
-        path = self._sample_key(slot, i)
+        path, nbytes = self._sample_key(slot, i), self.seqlen * self.hidden * self.dtype.itemsize
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                while done < len(view) and (n := os.preadv(fd, [view[done:]], done)):
-                    done += n
+                x, done = pread_tensor(fd, 0, (1, self.seqlen, self.hidden), self.dtype)
                 extra = os.pread(fd, 1, done)
             finally:
                 os.close(fd)
         except OSError as e:
             raise StreamqError(f"activation store {self._path}: cannot read sample {i} of slot {slot} ({e})") from None
-        if done < len(view) or extra:
+        if done < nbytes or extra:
             raise StreamqError(f"activation store {path}: holds {'more' if extra else done} bytes, a sample is "
-                               f"{len(view)} (not written by this store?)")
+                               f"{nbytes} (not written by this store?)")
         return x
 
     def write(self, slot: str, i: int, x: torch.Tensor) -> None:

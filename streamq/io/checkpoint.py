@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from streamq.errors import StreamqError
+from streamq.io.fileread import pread_tensor
 
 # safetensors dtype names -> torch dtypes (the ones a decoder checkpoint can hold)
 DTYPES = {
@@ -186,17 +186,13 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise StreamqError(f"{self.folder}: tensor {name} is missing from the checkpoint")
-        t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
         file, begin, end = self.byte_range(name)
-        done, view = 0, memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         with open(file, "rb", buffering=0) as f:
-            while done < end - begin:
-                n = os.preadv(f.fileno(), [view[done:]], begin + done)
-                if not n:  # the header was checked: the file changed under us
-                    raise StreamqError(f"{file}: cannot read tensor {name} (the file ends at byte {begin + done})")
-                done += n
+            t, done = pread_tensor(f.fileno(), begin, info.shape, DTYPES[info.dtype])
+        if done < end - begin:  # the header was checked: the file changed under us
+            raise StreamqError(f"{file}: cannot read tensor {name} (the file ends at byte {begin + done})")
         if self.digests is not None:  # the bytes as stored in the file: what a resume hashes again
-            self.digests[name] = hashlib.sha256(view).hexdigest()
+            self.digests[name] = hashlib.sha256(_raw_bytes(t)).hexdigest()
         check_stored_finite(t, info.file, name)
         return t.to(device)
 

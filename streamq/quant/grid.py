@@ -51,7 +51,8 @@ MSE_STEPS, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # range factors 1, 0.99, ...
 # On all 210 SmolLM2-135M Linears (g64, tools/bench_grid_search.py) 20 gives every row the full search's grid at 4 bits
 # asym (31 of 1.66M rows differ at 4 bits sym), in 27 of the 80 shrinks a row (patience 10: 17; 6207 rows differ)
 MSE_PATIENCE = 20
-_MSE_CHUNK = 1 << 21  # elements of one [shrinks, rows, cols] error tensor (8 MiB fp32): all SmolLM2 Linears 5.4-6.1 s idle, 2 MiB 8.9-9.5 s
+# elements of one [shrinks, rows, cols] error tensor (8 MiB fp32): all SmolLM2 Linears 5.4-6.1 s idle, 2 MiB 8.9-9.5 s
+_MSE_CHUNK = 1 << 21
 
 
 def grid_from_range(wmin: Tensor, wmax: Tensor, bits: int, sym: bool, full_range: bool = False

@@ -43,8 +43,7 @@ class HessianAccumulator:
     def H(self) -> Tensor:
         """The accumulated [in, in] fp32 Hessian, exactly symmetric (the live buffer: do not modify it in place)."""
         if not self._mirrored:  # the upper triangle, diagonal included, mirrored onto the lower one
-            upper = torch.triu(self._H)
-            self._H.copy_(upper).add_(torch.triu(upper, diagonal=1).t())
+            self._H.triu_().add_(torch.triu(self._H, diagonal=1).t())
             self._mirrored = True
         return self._H
 

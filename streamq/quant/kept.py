@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from streamq.errors import disk_full
+from streamq.io.fileread import pread_tensor
 
 
 class SpilledList:
@@ -55,13 +56,9 @@ class SpilledList:
         self._end += done
 
     def _read(self, offset: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype)
-        view, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
-        while done < len(view):
-            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"{self.folder}: kept block intermediates cut short")
-            done += n
+        t, done = pread_tensor(self._file.fileno(), offset, shape, dtype)
+        if done < t.numel() * t.element_size():
+            raise OSError(errno.EIO, f"{self.folder}: kept block intermediates cut short")
         return t.to(device)
 
     def __getitem__(self, k: int):
