@@ -291,9 +291,15 @@ def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     blocks in a heap it rarely shrinks: a GPTQ block's RSS then measured 25-40% above its live tensors, varying
     run to run; with the threshold fixed it follows the model above. Smaller temporaries (the GPTQ column
     loop's) still come from the heap, so the loop does not pay page faults. Process-wide: compress() sets it
-    on every run (and apply_plan with a --max-* budget). Returns False where there is no glibc mallopt."""
+    on every run (and apply_plan with a --max-* budget). An explicit setting wins: with MALLOC_MMAP_THRESHOLD_ or a
+    glibc.malloc.mmap_threshold tunable in the environment nothing is changed. Returns whether the threshold was
+    set (False also where there is no glibc mallopt)."""
     import ctypes
     import ctypes.util
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
