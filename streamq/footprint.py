@@ -73,6 +73,7 @@ BLOCK_SLACK = 1.25
 VRAM_RESERVE = 512 << 20  # CUDA context and caching-allocator slack, not seen by max_memory_allocated
 CUDA_HOST_OVERHEAD = 1 << 30  # host RSS of an initialized CUDA runtime (an assumption: no GPU to measure on)
 MMAP_THRESHOLD = 4 << 20  # see bound_heap()
+TRIM_THRESHOLD = 16 << 20  # see bound_heap()
 
 
 def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.dtype, opts: RunOptions) -> dict:
@@ -285,24 +286,32 @@ def predict(f: dict, method: str, seqlen: int, device: torch.device, offload: st
     }
 
 
-def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
+def bound_heap(threshold: int = MMAP_THRESHOLD, keep: int = TRIM_THRESHOLD) -> bool:
     """Ask glibc to give every allocation of `threshold` bytes or more its own mapping, returned to the OS when
     freed. By default glibc raises that threshold as large blocks are freed (up to 32 MiB) and keeps freed
     blocks in a heap it rarely shrinks: a GPTQ block's RSS then measured 25-40% above its live tensors, varying
-    run to run; with the threshold fixed it follows the model above. Smaller temporaries (the GPTQ column
-    loop's) still come from the heap, so the loop does not pay page faults. Process-wide: compress() sets it
-    on every run (and apply_plan with a --max-* budget). An explicit setting wins: with MALLOC_MMAP_THRESHOLD_ or a
-    glibc.malloc.mmap_threshold tunable in the environment nothing is changed. Returns whether the threshold was
-    set (False also where there is no glibc mallopt)."""
+    run to run; with the threshold fixed it follows the model above. Smaller temporaries (a block forward's
+    per-sample tensors, the GPTQ column loop's) still come from the heap, which keeps up to `keep` bytes of free
+    memory at its top instead of glibc's 128 KiB once a threshold is fixed: otherwise each sample's temporaries
+    are handed back and page-faulted in again (SmolLM2-135M GPTQ, tools/bench_heap.py: 3.1-3.8M page faults a run
+    with 128 KiB, 2.2-2.7M with 16 MiB, 2.0M with 64 MiB, which held 20-35 MB more at the peak than 16 MiB).
+    Process-wide: compress() sets it on every run (and apply_plan with a --max-* budget).
+    An explicit setting wins: with MALLOC_MMAP_THRESHOLD_ or a glibc.malloc.mmap_threshold tunable in the
+    environment nothing is changed, with MALLOC_TRIM_THRESHOLD_ or a trim_threshold tunable only the mmap threshold
+    is set. Returns whether the mmap threshold was set (False also where there is no glibc mallopt)."""
     import ctypes
     import ctypes.util
     import os
 
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
+    def explicit(name: str) -> bool:
+        return f"MALLOC_{name.upper()}_" in os.environ or name in os.environ.get("GLIBC_TUNABLES", "")
 
+    if explicit("mmap_threshold"):
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD (malloc.h)
+        if not explicit("trim_threshold"):
+            libc.mallopt(-1, keep)  # -1: M_TRIM_THRESHOLD (malloc.h)
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False

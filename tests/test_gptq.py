@@ -279,3 +279,21 @@ def test_relative_output_error_known_values():
     assert relative_output_error(W, 0.9 * W, H) == pytest.approx(0.01, rel=1e-6)
     Hd = torch.diag(torch.tensor([1.0, 0.0]))  # error on a dead input does not count
     assert relative_output_error(torch.tensor([[1.0, 5.0]]), torch.tensor([[1.0, 0.0]]), Hd) == 0.0
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-9), (torch.float32, 1e-3)])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+def test_error_numerator_from_the_loss_equals_the_product(variant, dtype, rel):
+    """gptq_quantize's error_num (2 * loss less the damping's share) is tr((W-Q) H (W-Q)^T) multiplied out, also
+    with a dead input (whose weights GPTQ zeroes) and a damp raised by a singular H; the report uses it."""
+    W, H = correlated_problem(dtype=dtype)
+    H[5, :] = H[:, 5] = 0  # one dead input
+    out = gptq_quantize(W, H, QuantConfig(**variant))
+    d = W - out.result.weight.to(dtype)
+    assert out.error_num == pytest.approx(((d @ H) * d).sum().item(), rel=rel)
+    assert relative_output_error(W, out.result.weight, H, num=out.error_num) == pytest.approx(
+        relative_output_error(W, out.result.weight, H), rel=rel)
+    low_rank = H[:, :8] @ H[:8] / H.diagonal().sum()  # rank 8: damp 0.01 may not suffice in fp32
+    out = gptq_quantize(W, low_rank, QuantConfig(**variant))
+    d = W - out.result.weight.to(dtype)
+    assert out.error_num == pytest.approx(((d @ low_rank) * d).sum().item(), rel=rel, abs=1e-9)

@@ -29,8 +29,9 @@ class QuantResult(NamedTuple):
 # default for a method that does not declare it, it is refused (QuantConfig._check_fields).
 COMMON = ("method", "bits", "group_size", "sym")
 
-# solve(W [out, in] fp32, H [in, in] fp32 or None (data-free methods), cfg) -> (result, loss, damp);
-# result: a QuantResult, or the typed result the method's packer reads (SpQR's SpQRResult).
+# solve(W [out, in] fp32, H [in, in] fp32 or None (data-free methods), cfg) -> (result, loss, damp[, error_num]);
+# result: a QuantResult, or the typed result the method's packer reads (SpQR's SpQRResult); error_num, where the
+# solver knows it without a product by H: tr((W-Q) H (W-Q)^T) (the report's layer error then needs one product).
 Solve = Callable[..., tuple]
 
 

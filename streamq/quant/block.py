@@ -130,11 +130,11 @@ def quantize_linear(linear: nn.Linear, H: torch.Tensor | None, cfg: QuantConfig,
             warnings.warn(f"{tokens} calibration tokens routed to this expert (< --moe-min-tokens "
                           f"{cfg.moe_min_tokens}): round-to-nearest (identity Hessian)")
             H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-        result, loss, damp = get_method(cfg.method).solve(W, H, cfg)  # the method's solver (streamq.methods)
+        result, loss, damp, *num = get_method(cfg.method).solve(W, H, cfg)  # the method's solver (streamq.methods)
         if H is None:  # data-free
             error = ((W - result.weight).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30)).item()
         else:
-            error = relative_output_error(W, result.weight, H)
+            error = relative_output_error(W, result.weight, H, num=num[0] if num else None)
     linear.weight.data = result.weight.to(linear.weight.device, linear.weight.dtype)
     note = "; ".join(str(w.message) for w in caught)
     return result, LayerReport(error, loss, damp, time.perf_counter() - start, note, tokens)

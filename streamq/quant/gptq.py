@@ -35,6 +35,7 @@ class GPTQResult(NamedTuple):
     result: QuantResult
     loss: float  # the reference's sum of (w - q)^2 / d^2 / 2 over all weights
     damp: float  # damp fraction of mean diag(H) finally used (cfg.damp unless raised)
+    error_num: float  # tr((W-Q) H (W-Q)^T) with the undamped H, from the loss (output_error_numerator)
 
 
 def inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -97,6 +98,7 @@ class HessianFactor(NamedTuple):
     perm: Tensor  # [in]: column order (act-order: by descending diag H; else the identity)
     Hinv: Tensor  # [in, in]: upper Cholesky factor of the damped, permuted H^-1
     damp: float
+    reg: float  # damp * mean(diag H): what was added to H's diagonal (dead inputs' diagonal counted as 1)
     notes: tuple  # (message, category) of the warnings computing it raised, raised again on every use
 
 
@@ -118,10 +120,11 @@ def hessian_factor(H: Tensor, W: Tensor, cfg: QuantConfig) -> HessianFactor:
         cols = Hw.shape[0]
         perm = torch.argsort(Hw.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
         if cfg.act_order:
-            Hw = Hw[perm][:, perm]
+            Hw = Hw[perm[:, None], perm]  # (one gather: one [in, in] temporary, not two)
         (Hinv, damp), notes = _recorded(inverse_cholesky, Hw, cfg.damp)
+        reg = damp * Hw.diagonal().mean().item()  # (inverse_cholesky's float32 mean times damp)
         del Hw  # the working copy: the column loop needs only Hinv
-        f = HessianFactor(dead, perm, Hinv, damp, notes)
+        f = HessianFactor(dead, perm, Hinv, damp, reg, notes)
 
         def drop(ref):
             if _last_factor and _last_factor[0][0] is ref:
@@ -153,7 +156,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
     g_idx (with act_order and non-static groups, groups follow the permuted order).
     """
     f = hessian_factor(H, W, cfg)
-    W = W.to(f.Hinv.dtype, copy=True)
+    source, W = W, W.to(f.Hinv.dtype, copy=True)
     rows, cols = W.shape
     gs = cols if cfg.group_size == -1 else cfg.group_size
     n_groups = math.ceil(cols / gs)
@@ -190,6 +193,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
         invperm = torch.argsort(perm)
         QT, codesT = QT[invperm], codesT[invperm]
     Q, codes = QT.t().contiguous(), codesT.t().contiguous()
+    loss = losses.sum().item()
+    error_num = output_error_numerator(loss, f.reg, source, Q, f.dead)
     result = QuantResult(
         weight=Q.float(),  # exact: fp16-representable scale times a small integer
         codes=codes,
@@ -197,7 +202,17 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> GPTQResult:
         zeros=zeros.to(torch.uint8),
         g_idx=g_idx,
     )
-    return GPTQResult(result, losses.sum().item(), damp)
+    return GPTQResult(result, loss, damp, error_num)
+
+
+def output_error_numerator(loss: float, reg: float, W: Tensor, Q: Tensor, dead: Tensor) -> float:
+    """tr((W-Q) H (W-Q)^T) for GPTQ's result Q [out, in] of W (the live inputs' columns; dead ones read 0s),
+    without a product by H: with U the upper Cholesky factor of (H + reg I)^-1, GPTQ leaves W - Q = E U
+    (E: the scaled errors, 2 * loss = ||E||^2) and U (H + reg I) U^T = I, so the damped trace is 2 * loss;
+    the undamped one is that minus reg * ||W - Q||^2. Exact up to rounding (tests/test_gptq.py compares it with
+    the product, which relative_output_error otherwise computes)."""
+    d = (W.to(Q.dtype) - Q)[:, ~dead] if bool(dead.any()) else W.to(Q.dtype) - Q
+    return max(0.0, 2 * loss - reg * d.pow(2).sum(dtype=torch.float64).item())
 
 
 def _column_batch_torch(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq: int, losses: Tensor,

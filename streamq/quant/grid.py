@@ -7,6 +7,8 @@ with two deliberate differences, both so the packed checkpoint reproduces our we
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -48,9 +50,10 @@ def full_range_scale(wmin: Tensor, wmax: Tensor, bits: int) -> Tensor:
 # each row stopping once MSE_PATIENCE shrinks in a row did not improve it (llm-compressor stops all rows at once)
 GRID_SEARCHES = ("minmax", "mse")
 MSE_STEPS, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # range factors 1, 0.99, ..., 0.21; error exponent
-# On all 210 SmolLM2-135M Linears (g64, tools/bench_grid_search.py) 20 gives every row the full search's grid at 4 bits
-# asym (31 of 1.66M rows differ at 4 bits sym), in 27 of the 80 shrinks a row (patience 10: 17; 6207 rows differ)
-MSE_PATIENCE = 20
+# On all 210 SmolLM2-135M Linears (g64 w4 asym, tools/bench_grid_search.py) 10 tries 17.0 of the 80 shrinks a row and
+# gives 6207 of 1.66M rows (0.37%) another grid than the full search, in 0.74x the time of 20 (27.3 shrinks, every row
+# the full search's grid); perplexity 27.74 vs 27.79 with 20 (README "Results"). llm-compressor's mse observer: 5.
+MSE_PATIENCE = 10
 # elements of one [shrinks, rows, cols] error tensor (8 MiB fp32): all SmolLM2 Linears 5.4-6.1 s idle, 2 MiB 8.9-9.5 s
 _MSE_CHUNK = 1 << 21
 
@@ -114,13 +117,14 @@ def _mse_grid(w: Tensor, wmin: Tensor, wmax: Tensor, bits: int, sym: bool, full_
     steps = max(1, min(MSE_PATIENCE, len(shrink), _MSE_CHUNK // max(1, rows * cols)))
     row_chunk = max(1, _MSE_CHUNK // (steps * cols))
     scale, zero = grid_from_range(wmin, wmax, bits, sym, full_range)  # p = 1, replaced where a shrink wins
-    buf = torch.empty(steps * min(rows, row_chunk) * cols, dtype=w.dtype, device=w.device)
+    buf = _scratch(steps * min(rows, row_chunk) * cols, w.dtype, w.device)
     for r0 in range(0, rows, row_chunk):
         live = torch.arange(r0, min(rows, r0 + row_chunk), device=w.device)  # rows still searching
         best = torch.full_like(live, torch.inf, dtype=w.dtype)
         last = torch.zeros_like(live)  # per live row: the shrink of its last improvement
         for s0 in range(0, len(shrink), steps):
-            p, x, lo, hi = shrink[s0 : s0 + steps], w[live][None], wmin[live], wmax[live]
+            x = w[r0 : r0 + len(live)] if s0 == 0 else w[live]  # (all rows live at first: a view, not a copy)
+            p, x, lo, hi = shrink[s0 : s0 + steps], x[None], wmin[live], wmax[live]
             s, z = grid_from_range(p * lo, p * hi, bits, sym, full_range)  # [steps, live rows]
             err = _error(x, s[..., None], z[..., None], maxq, buf[: s.numel() * cols].view(*s.shape, cols))
             err, last, stopped = _within_patience(err, best, last, s0)
@@ -134,6 +138,18 @@ def _mse_grid(w: Tensor, wmin: Tensor, wmax: Tensor, bits: int, sym: bool, full_
             if not len(live):
                 break
     return scale, zero
+
+
+_scratch_buffers: dict = {}  # (dtype, device, thread) -> the largest _mse_grid error buffer so far, for the next call
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused buffer of at least n elements (its first n returned): a fresh 8 MiB one per Linear would be
+    mapped and page-faulted anew each time (big allocations go back to the OS when freed, footprint.bound_heap)."""
+    key = (dtype, torch.device(device), threading.get_ident())
+    if key not in _scratch_buffers or _scratch_buffers[key].numel() < n:
+        _scratch_buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return _scratch_buffers[key][:n]
 
 
 def _within_patience(err: Tensor, best: Tensor, last: Tensor, s0: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -53,20 +53,24 @@ class HessianAccumulator:
         return self._nsamples
 
 
-def relative_output_error(W: Tensor, Q: Tensor, H: Tensor, chunk_bytes: int = 16 << 20) -> float:
+def relative_output_error(W: Tensor, Q: Tensor, H: Tensor, chunk_bytes: int = 16 << 20, num: float | None = None
+                          ) -> float:
     """tr((W-Q) H (W-Q)^T) / tr(W H W^T): relative squared error of the layer's outputs on the calibration set.
 
     W, Q: [out, in]; H: [in, in] (undamped). Rows are taken a chunk at a time (about chunk_bytes each) in H's
     dtype, the sums accumulated in fp64, so nothing of W's or H's size is copied; 0.0 when both traces vanish.
+    num: the numerator where the solver already knows it (GPTQ: gptq.output_error_numerator); only the
+    denominator is multiplied out then.
     """
     dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
     H = H.to(dtype)
     rows = max(1, chunk_bytes // (W.shape[1] * H.element_size()))
-    num = den = 0.0
+    given, num, den = num, (0.0 if num is None else num), 0.0
     for r in range(0, W.shape[0], rows):
         w = W[r:r + rows].to(H.device, dtype)
-        d = w - Q[r:r + rows].to(H.device, dtype)
-        num += ((d @ H) * d).sum(dtype=torch.float64).item()
+        if given is None:
+            d = w - Q[r:r + rows].to(H.device, dtype)
+            num += ((d @ H) * d).sum(dtype=torch.float64).item()
         den += ((w @ H) * w).sum(dtype=torch.float64).item()
     if den == 0:
         return 0.0 if num == 0 else math.inf
