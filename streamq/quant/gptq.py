@@ -211,7 +211,9 @@ def output_error_numerator(loss: float, reg: float, W: Tensor, Q: Tensor, dead: 
     (E: the scaled errors, 2 * loss = ||E||^2) and U (H + reg I) U^T = I, so the damped trace is 2 * loss;
     the undamped one is that minus reg * ||W - Q||^2. Exact up to rounding (tests/test_gptq.py compares it with
     the product, which relative_output_error otherwise computes)."""
-    d = (W.to(Q.dtype) - Q)[:, ~dead] if bool(dead.any()) else W.to(Q.dtype) - Q
+    d = W.to(Q.dtype) - Q
+    if bool(dead.any()):
+        d = d[:, ~dead]
     return max(0.0, 2 * loss - reg * d.pow(2).sum(dtype=torch.float64).item())
 
 

@@ -140,16 +140,17 @@ def _mse_grid(w: Tensor, wmin: Tensor, wmax: Tensor, bits: int, sym: bool, full_
     return scale, zero
 
 
-_scratch_buffers: dict = {}  # (dtype, device, thread) -> the largest _mse_grid error buffer so far, for the next call
+_scratch_buffers = threading.local()  # per thread (freed with it): (dtype, device) -> the largest error buffer so far
 
 
 def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A reused buffer of at least n elements (its first n returned): a fresh 8 MiB one per Linear would be
     mapped and page-faulted anew each time (big allocations go back to the OS when freed, footprint.bound_heap)."""
-    key = (dtype, torch.device(device), threading.get_ident())
-    if key not in _scratch_buffers or _scratch_buffers[key].numel() < n:
-        _scratch_buffers[key] = torch.empty(n, dtype=dtype, device=device)
-    return _scratch_buffers[key][:n]
+    buffers = _scratch_buffers.__dict__.setdefault("by_kind", {})
+    key = (dtype, torch.device(device))
+    if key not in buffers or buffers[key].numel() < n:
+        buffers[key] = torch.empty(n, dtype=dtype, device=device)
+    return buffers[key][:n]
 
 
 def _within_patience(err: Tensor, best: Tensor, last: Tensor, s0: int) -> tuple[Tensor, Tensor, Tensor]:

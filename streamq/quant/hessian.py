@@ -65,13 +65,13 @@ def relative_output_error(W: Tensor, Q: Tensor, H: Tensor, chunk_bytes: int = 16
     dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
     H = H.to(dtype)
     rows = max(1, chunk_bytes // (W.shape[1] * H.element_size()))
-    given, num, den = num, (0.0 if num is None else num), 0.0
+    numerator, den = (0.0 if num is None else num), 0.0
     for r in range(0, W.shape[0], rows):
         w = W[r:r + rows].to(H.device, dtype)
-        if given is None:
+        if num is None:
             d = w - Q[r:r + rows].to(H.device, dtype)
-            num += ((d @ H) * d).sum(dtype=torch.float64).item()
+            numerator += ((d @ H) * d).sum(dtype=torch.float64).item()
         den += ((w @ H) * w).sum(dtype=torch.float64).item()
     if den == 0:
-        return 0.0 if num == 0 else math.inf
-    return num / den
+        return 0.0 if numerator == 0 else math.inf
+    return numerator / den
