@@ -85,7 +85,7 @@ def _block_work(layout, ckpt, i, store, slot, kwargs, cfg, device, dtype, lean, 
 
     # kept intermediates live where the store does: on disk a scratch file beside it (quant/kept.py), in RAM
     # within KEEP_BYTES (footprint.py counts either); the out-of-memory retry recomputes them
-    spill = str(Path(store.path).parent) if store.path is not None and not lean else None
+    spill = store.spill if not lean else None
     results = quantize_block(block, samples, kwargs, cfg, device, CPU if lean else device,
                              emit=None if observe else emit, keep_bytes=0 if lean else KEEP_BYTES // store.nsamples,
                              skip=skip, spill=spill)

@@ -17,10 +17,10 @@ Bytes throughout; c = compute dtype itemsize; Wc = a block's tensors in the comp
     kept      = nsamples * seqlen * (hidden + inter) * c: true-sequential GPTQ/SpQR's kept intermediates
                 (quant/stages.py; at most the attention output and the down projection's input)
     solver(L) = max(4 Hu + Wu, Hu + 3 Wu + 4 min(Wu, ERROR_CHUNK)) + SOLVER_SLACK  (+ Wu when c != 4)
-    read      = a tensor as read: its isfinite mask, plus its mapped source bytes when it is cast
+    read      = a tensor as read: its mapped source bytes when it is cast (0 when it is not)
     fwd       = seqlen * (8 * hidden + 4 * inter) * c      one sample through the block (sdpa, no mask)
     R         = results kept until the block is packed: uint8 codes, + fp32 weights when c != 4
-    finish    = every non-block tensor as a mapped view + the largest isfinite mask
+    finish    = every non-block tensor as a mapped view
     H_group   = sum of Hu over Linears whose Hessians are collected together; the pipeline finds its
                 true-sequential groups by tracing a forward, here they are the Linears of one parent module
                 with equal in_features (q/k/v/o for q/k/v: an upper bound); without true-sequential, all
@@ -92,7 +92,7 @@ def facts(layout: ModelLayout, ckpt: Checkpoint, cfg: QuantConfig, dtype: torch.
         """A tensor already in the compute dtype is used as the mapped view itself, counted in Wc."""
         info = ckpt.tensors[name]
         cast = DTYPES[info.dtype].is_floating_point and DTYPES[info.dtype] != dtype
-        return math.prod(info.shape) + (ckpt.nbytes(name) if cast else 0)
+        return ckpt.nbytes(name) if cast else 0
 
     blocks = []
     for i in range(layout.n_blocks):

@@ -175,6 +175,8 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
         readahead.close()
         if store is not None:
             store.before_write = None
+            if store.spill is not None:
+                store.spill.close()  # the files the blocks' kept intermediates reused
         writes.close()  # last: it re-raises a failed pending write
     progress.close()
 

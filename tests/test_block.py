@@ -3,6 +3,7 @@ Linear), while sharing Hessians between Linears that read one tensor and computi
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,12 +13,13 @@ from transformers import AutoTokenizer
 from streamq.calib.capture import run_block
 from streamq.calib.data import calibration_windows
 from streamq.config import QuantConfig
+from streamq.io.scratch import ScratchFiles
 from streamq.quant.kept import SpilledList
 from streamq.quant.block import quantize_block
 from streamq.quant.gptq import gptq_quantize
 from streamq.quant.hessian import HessianAccumulator
 from streamq.quant.stages import plan, trace
-from tests.conftest import make_tiny_model
+from tests.conftest import ARCHITECTURES, make_tiny_model
 from tests.reference import load_with_block0_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +84,7 @@ class LinearCalls:
             h.remove()
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "qwen3"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("act_order", [False, True])
 def test_block_bit_identical_to_plain_true_sequential(tmp_path, arch, act_order):
     block, xs, kw = block_and_inputs(tmp_path, arch)
@@ -125,6 +127,39 @@ def test_plan_llama_replays_attention_and_mlp(tmp_path):
     p = plan(trace(block, xs[0], kw), True, None)
     assert p.build == {"self_attn": 1, "mlp": 3}  # built from o_proj / down_proj inputs after their solves
     assert p.replay[-1] == ["self_attn", "mlp"]  # the output pass runs only norms and residual adds
+    # a norm whose only reader is replayed is not run: input_layernorm once attention is replayed, and so on
+    assert p.skip == [[], [], ["input_layernorm"], ["input_layernorm"], ["input_layernorm", "post_attention_layernorm"]]
+
+
+class NormThenMLP(nn.Module):
+    """x + mlp(norm(x)); residual_from_norm: norm(x) + mlp(norm(x)) (the block's own code reads the norm's output, as
+    Bloom's apply_residual_connection_post_layernorm does); identity: the norm's output passes an nn.Identity."""
+
+    def __init__(self, residual_from_norm=False, identity=False, d=32):
+        super().__init__()
+        self.norm, self.ident = nn.LayerNorm(d), nn.Identity() if identity else None
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.residual_from_norm = residual_from_norm
+
+    def forward(self, x):
+        h = self.norm(x)
+        h = self.ident(h) if self.ident is not None else h
+        return (h if self.residual_from_norm else x) + self.mlp(h)
+
+
+@pytest.mark.parametrize("variant, skipped", [({}, ["norm"]), ({"residual_from_norm": True}, []),
+                                              ({"identity": True}, [])])
+def test_a_module_is_skipped_only_where_nothing_else_reads_its_output(variant, skipped):
+    torch.manual_seed(0)
+    block, xs = NormThenMLP(**variant).eval(), [torch.randn(1, 12, 32) for _ in range(NS)]
+    p = plan(trace(block, xs[0], {}), True, None)
+    assert p.replay[-1] == ["mlp"] and p.skip[-1] == skipped
+    cfg = QuantConfig(bits=4, group_size=32)
+    want, want_out = plain_true_sequential(copy.deepcopy(block), xs, {}, cfg)
+    got_out = []
+    got = quantize_block(block, lambda: iter(xs), {}, cfg, torch.device("cpu"), emit=got_out.append)
+    assert all(torch.equal(got[n][0].codes, r.codes) for n, r in want.items())
+    assert all(torch.equal(a, b) for a, b in zip(got_out, want_out))
 
 
 def test_hessians_shared_by_linears_reading_one_tensor(tmp_path, monkeypatch):
@@ -174,6 +209,32 @@ def test_spilled_list_round_trip(tmp_path):
     assert back[1][0].dtype == torch.bfloat16 and torch.equal(back[1][0], items[1][0])
     assert torch.equal(kept[2], items[2]) and back[0] is not items[0]
     kept.close()
+
+
+def test_spilled_lists_reuse_the_pool_files_and_read_only_their_own_bytes(tmp_path):
+    """A list spilled into a ScratchFiles pool gives its file back on close, cut to what it wrote; the next list
+    takes that file and reads its own (shorter) items, not the stale bytes of the last one."""
+    pool = ScratchFiles(tmp_path)
+    first = SpilledList(pool)
+    big = [torch.randn(64, 32) for _ in range(3)]
+    for x in big:
+        first.append(x)
+    f = first._file
+    first.close()
+    assert not f.closed and os.fstat(f.fileno()).st_size == 3 * 64 * 32 * 4
+    second = SpilledList(pool)
+    assert second._file is f  # reused, not a fresh file
+    small = [torch.arange(6, dtype=torch.float32).reshape(2, 3) + k for k in range(2)]
+    for x in small:
+        second.append(x)
+    assert all(torch.equal(a, b) for a, b in zip(second, small)) and len(second) == 2
+    third = SpilledList(pool)  # the pool is empty while `second` holds its file: a fresh one
+    assert third._file is not f
+    second.close()
+    third.close()
+    assert os.fstat(f.fileno()).st_size == 2 * 6 * 4 and list(tmp_path.iterdir()) == []
+    pool.close()
+    assert f.closed
 
 
 def test_spilled_list_disk_full_is_one_line_error(tmp_path, monkeypatch):

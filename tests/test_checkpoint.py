@@ -44,10 +44,17 @@ def test_read_of_a_file_cut_short_after_its_header_was_checked(folder):
         ckpt.read("big")
 
 
-@pytest.mark.parametrize("where", [0, 9, 10 * 7 - 1])
-def test_finite_check_finds_a_nan_in_any_chunk(tmp_path, where):
-    t = torch.zeros(10, 7, dtype=torch.bfloat16)
-    check_stored_finite(t, tmp_path / "x.safetensors", "t", chunk=8)
-    t.view(-1)[where] = float("nan")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("n, where", [(70, 0), (70, 9), (70, 69), (100_003, 50_001), (100_003, 100_002)])
+def test_finite_check_finds_a_non_finite_value_anywhere(tmp_path, n, where, bad, dtype):
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    check_stored_finite(t, tmp_path / "x.safetensors", "t")
+    t[where] = bad
     with pytest.raises(StreamqError, match="t contains NaN or Inf"):
-        check_stored_finite(t, tmp_path / "x.safetensors", "t", chunk=8)
+        check_stored_finite(t, tmp_path / "x.safetensors", "t")
+
+
+def test_finite_check_passes_integers_and_empty_tensors(tmp_path):
+    for t in (torch.arange(10, dtype=torch.int32), torch.empty(0, 7, dtype=torch.bfloat16)):
+        check_stored_finite(t, tmp_path / "x.safetensors", "t")

@@ -175,6 +175,19 @@ def indefinite_hessian(n=16, negative=-0.05):
     return Q @ torch.diag(eig) @ Q.T
 
 
+@pytest.mark.parametrize("n", [1, 7, 96])
+def test_inverse_cholesky_is_the_references_factor(n):
+    """One reversed factorization gives the reference's U (cholesky, cholesky_inverse, cholesky upper): the upper
+    Cholesky factor of the damped inverse is unique, so both agree to rounding."""
+    _, H = correlated_problem(inp=n, tokens=4 * n + 8)
+    U, damp = gptq.inverse_cholesky(H, 0.01)
+    Hd = H + damp * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    torch.testing.assert_close(U, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
+    torch.testing.assert_close(U.T @ U @ Hd, torch.eye(n, dtype=H.dtype), rtol=0, atol=1e-8)
+
+
 def test_damp_raised_on_indefinite_hessian():
     H = indefinite_hessian()
     W = torch.randn(8, 16)

@@ -1,10 +1,12 @@
 """Time gptq_quantize on realistic Linear shapes, interleaved A/B against another copy of gptq.py.
 
-    .venv/bin/python tools/bench_gptq_solve.py [--baseline OLD_GPTQ.py] [--rounds 5] [--threads N]
+    .venv/bin/python tools/bench_gptq_solve.py [--baseline OLD_GPTQ.py] [--rounds 5] [--threads N] [--with-factor]
 
 With --baseline, the file is imported as module `baseline_gptq` (e.g. `git show HEAD~1:streamq/quant/gptq.py >
 /tmp/old_gptq.py`), both solvers run alternately on the same problems and their results are compared exactly.
-Not a test: a measurement (the machine's load shows in the figures)."""
+--with-factor times the Hessian's factor too (each call gets a copy of H, so nothing is reused; without it the
+factor is computed once per shape, as the Linears sharing one input share it). Not a test: a measurement (the
+machine's load shows in the figures)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shapes", default="1536x576,576x1536")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--with-factor", action="store_true", help="a fresh copy of H per call: the factor is timed too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,8 +51,9 @@ def main() -> None:
         results = {}
         for _ in range(args.rounds):
             for k, f in solvers.items():
+                h = H.clone() if args.with_factor else H
                 t = time.perf_counter()
-                results[k] = f(W, H, cfg)
+                results[k] = f(W, h, cfg)
                 times[k].append(time.perf_counter() - t)
         line = "  ".join(f"{k} median {statistics.median(v):.3f}s (min {min(v):.3f})" for k, v in times.items())
         same = ""

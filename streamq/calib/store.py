@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from zarr.codecs.bytes import Endian
 from streamq.errors import StreamqError, disk_full
 from streamq.io.fileread import pread_tensor
 from streamq.io.manifest import fsync_path
+from streamq.io.scratch import ScratchFiles
 
 SLOTS = ("a", "b")
 FP_SLOTS = ("fa", "fb")  # the fp stream's pair; fp(slot) is slot's partner
@@ -64,6 +66,8 @@ class ActivationStore:
         self._written = {s: torch.full((nsamples,), s in complete, dtype=torch.bool) for s in self.slots}
         self.io_seconds = 0.0  # time callers spent blocked on this store: reads not yet prefetched, writes, fsyncs
         self.before_write = None  # called (and its time counted in io_seconds) before every write, see writebehind.py
+        # on disk: scratch files beside the store, reused block after block (quant/kept.py spills into them)
+        self.spill = ScratchFiles(Path(path).parent) if path is not None else None
 
     @classmethod
     def on_disk(cls, path: str, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
@@ -247,6 +251,8 @@ class ActivationStore:
 
     def delete(self) -> None:
         """Remove the folder on disk (or drop the tensors in RAM); the store is unusable afterwards."""
+        if self.spill is not None:
+            self.spill.close()
         if self._path is not None and os.path.isdir(self._path):
             shutil.rmtree(self._path)
         self._arrays = self._tensors = None

@@ -60,21 +60,30 @@ def _slots(bits: int) -> list[tuple[int, int, int]]:
 
 
 def pack_bits(codes: Tensor, bits: int, dim: int = 0) -> Tensor:
-    """Pack integer codes [n, m] (values < 2**bits) along `dim` into int32 words (n*bits/32 along dim)."""
-    c = codes.movedim(dim, 0).to(torch.int64)
-    n = c.shape[0]
+    """Pack integer codes [n, m] (values < 2**bits) along `dim` into int32 words (n*bits/32 along dim).
+
+    Computed with the packed dimension last (for qweight, codes.t() packed along dim 0, that is the codes' own
+    contiguous layout: no transposed copy of the codes is made)."""
+    c = codes.movedim(dim, -1)
+    n = c.shape[-1]
     _check_packable(n, bits, "packed dimension")
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
-        raise StreamqError(f"cannot pack values outside [0, {(1 << bits) - 1}] into {bits} bits")
+    if c.numel():
+        lo, hi = torch.aminmax(c)
+        if int(lo) < 0 or int(hi) >= 1 << bits:
+            raise StreamqError(f"cannot pack values outside [0, {(1 << bits) - 1}] into {bits} bits")
     values, n_words = _run(bits)
-    runs = c.reshape(n // values, values, *c.shape[1:])
-    words = runs.new_zeros(n // values, n_words, *c.shape[1:])
-    for j, k, shift in _slots(bits):
-        words[:, k] |= (runs[:, j] << shift) & 0xFFFFFFFF
-        if shift + bits > _WORD:  # the value's high bits spill into the next word
-            words[:, k + 1] |= runs[:, j] >> (_WORD - shift)
+    runs = c.to(torch.int64).unflatten(-1, (n // values, values))  # [..., runs, values]
+    if n_words == 1:  # 2, 4, 8 bits: no value crosses a word, the bit ranges are disjoint, so a sum is an or
+        shifts = torch.tensor([shift for _, _, shift in _slots(bits)], dtype=torch.int64, device=c.device)
+        words = (runs << shifts).sum(dim=-1, keepdim=True)
+    else:
+        words = runs.new_zeros(*runs.shape[:-1], n_words)
+        for j, k, shift in _slots(bits):
+            words[..., k] |= (runs[..., j] << shift) & 0xFFFFFFFF
+            if shift + bits > _WORD:  # the value's high bits spill into the next word
+                words[..., k + 1] |= runs[..., j] >> (_WORD - shift)
     words = torch.where(words >= 2**31, words - 2**32, words)  # uint32 bit pattern as int32
-    return words.reshape(n * bits // _WORD, *c.shape[1:]).to(torch.int32).movedim(0, dim).contiguous()
+    return words.flatten(-2).to(torch.int32).movedim(-1, dim).contiguous()
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int, dim: int = 0) -> Tensor:

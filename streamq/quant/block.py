@@ -24,7 +24,7 @@ from streamq.quant.expert_stage import InputsKept, StreamedExperts, dry_run, sol
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.kept import close_kept, new_kept
 from streamq.quant.spqr import SpQRResult
-from streamq.quant.stages import Plan, Replay, Trace, clone_output, plan, swap, trace
+from streamq.quant.stages import Plan, Replay, Skip, Trace, clone_output, plan, swap, trace
 
 Samples = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the block's inputs, each [1, seq, hidden]
 
@@ -82,6 +82,7 @@ def run_pass(block: nn.Module, t: Trace, p: Plan, j: int, samples: Samples, kwar
     hooks = [modules[g[0]].register_forward_pre_hook(hook_for(k)) for k, g in enumerate(groups)]
     hooks += [modules[m].register_forward_hook(keep(m)) for m, r in p.record.items() if r == j]
     replaced = {m: swap(block, m, Replay(modules[m], kept[m], at)) for m in p.replay[j]}
+    replaced.update({m: swap(block, m, Skip(modules[m])) for m in (p.skip[j] if p.skip else [])})
     try:
         for k, x in enumerate(samples()):
             at[0] = k

@@ -4,31 +4,34 @@ A kept module output is, per sample, a tensor or a tuple of tensors / None (e.g.
 unused weights). In RAM that is a plain list. A SpilledList has the same use (append in sample order, index or
 iterate) but writes each tensor's bytes to an unnamed temporary file next to the activation store and reads
 them back as fresh tensors, so only the sample in use is in memory: on SmolLM2-135M (32 x 512 tokens) that is
-~140 MB of RAM less per block for ~0.1 s of page-cache IO. The file needs no fsync: a killed run redoes the
-block from its inputs, and the file, never named, vanishes with the process.
+~140 MB of RAM less per block. The file needs no fsync: a killed run redoes the block from its inputs, and the
+file, never named, vanishes with the process. Given a pool (io/scratch.py), lists reuse its files: writing into
+existing pages costs a fraction of writing into fresh ones.
 """
 from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from streamq.errors import disk_full
 from streamq.io.fileread import pread_tensor
+from streamq.io.scratch import ScratchFiles
 
 
 class SpilledList:
-    """Module outputs of the samples in order, in an unlinked temporary file in `folder`. Appending writes the
-    bytes at once and indexing reads fresh tensors, so neither needs a defensive copy (`fresh`)."""
+    """Module outputs of the samples in order, in an unlinked temporary file of `where` (a folder: a file of its
+    own; a ScratchFiles pool: one taken from it and given back by close()). Appending writes the bytes at once
+    and indexing reads fresh tensors, so neither needs a defensive copy (`fresh`)."""
 
     fresh = True
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self._file = tempfile.TemporaryFile(dir=self.folder)
+    def __init__(self, where: str | Path | ScratchFiles):
+        self._pool = where if isinstance(where, ScratchFiles) else None
+        self.folder = where.folder if self._pool else Path(where)
+        self._file = (self._pool or ScratchFiles(self.folder)).take()
         self._items: list[tuple[bool, list]] = []  # per sample: (a tuple?, per part (offset, shape, dtype, device) | as is)
         self._end = 0
 
@@ -73,12 +76,15 @@ class SpilledList:
         return (self[k] for k in range(len(self)))
 
     def close(self) -> None:
-        self._file.close()
+        if self._pool is not None:
+            self._pool.give(self._file, self._end)
+        else:
+            self._file.close()
 
 
-def new_kept(folder: str | Path | None):
-    """An empty per-sample list of kept outputs: in RAM (folder None) or spilled into folder."""
-    return [] if folder is None else SpilledList(folder)
+def new_kept(where: str | Path | ScratchFiles | None):
+    """An empty per-sample list of kept outputs: in RAM (where None) or spilled (a folder, or a pool of files)."""
+    return [] if where is None else SpilledList(where)
 
 
 def close_kept(kept) -> None:

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from streamq.config import QuantConfig
+from streamq.device import all_finite
 from streamq.errors import StreamqError
-from streamq.quant.gptq import _intra_op_threads, batch_bounds, inverse_cholesky, working_copies
+from streamq.quant.gptq import batch_bounds, intra_op_threads, inverse_cholesky, working_copies
 from streamq.quant.grid import dequantize, fit_grid, quantize_codes
 
 
@@ -101,7 +102,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: QuantConfig) -> SparseGPTOutput:
             mask[:, i1:e] = _lowest(scores, int(scores.numel() * cfg.sparsity))
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1, d1 = torch.zeros_like(W1), Hinv1.diagonal()
-        with _intra_op_threads(1):
+        with intra_op_threads(1):
             for i in range(i2 - i1):
                 c = i1 + i
                 if n and c % m == 0:  # i1 is a multiple of m (cfg check), so the M columns lie in W1
@@ -123,7 +124,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: QuantConfig) -> SparseGPTOutput:
                 W1[:, i + 1:] -= err[:, None] @ Hinv1[i:i + 1, i + 1:]
                 Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if not bool(torch.isfinite(Q).all()):
+    if not all_finite(Q):
         raise StreamqError("SparseGPT --bits 16: a kept weight exceeds fp16's range")
     g_idx = torch.arange(cols, device=W.device, dtype=torch.int32) // gs
     result = SparseResult(weight=Q.float(), codes=codes, scales=scales.float() if quantized else None,

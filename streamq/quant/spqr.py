@@ -31,7 +31,8 @@ from torch import Tensor
 
 from streamq.config import QuantConfig
 from streamq.errors import StreamqError
-from streamq.quant.gptq import batch_bounds, inverse_cholesky, working_copies
+from streamq.quant.gptq import (batch_bounds, intra_op_threads, inverse_cholesky, spread, sub_batches,
+                                 working_copies)
 from streamq.quant.grid import _FP16_MAX, check_group_size, dequantize, fit_grid, quantize_codes
 
 _EPS = 1e-9  # the reference's floor for a scale in a division
@@ -176,31 +177,33 @@ def spqr_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> SpQRResult:
     residual = torch.zeros_like(W, dtype=torch.float16)
     losses = W.new_zeros(rows)
     for i1, i2 in batch_bounds(cols, cfg.block_columns, gs):
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            c = i1 + i
-            if c % gs == 0:  # a batch start (batch_bounds cuts there): W[:, c:] has every earlier update
-                scale, zero, scale_qq, zero_qq = fit_group(W[:, c : c + gs], d[c : c + gs], threshold, cfg)
-                scales[c // gs], zeros[c // gs] = scale, zero
-                if qq:
-                    scale_qqs.append(scale_qq)
-                    zero_qqs.append(zero_qq)
-            w = W1[:, i : i + 1]
-            q_codes = (quantize_float_zero(w, scale, zero, cfg.maxq) if qq
-                       else quantize_codes(w, scale, zero, cfg.maxq))
-            q = dequantize(q_codes, scale, zero)
-            if math.isfinite(threshold):  # outliers keep w, up to the fp16 rounding of their correction
-                is_out = ((w - q) / U1[i, i]).square() > threshold
-                val = torch.where(is_out, w - q, 0).half()
-                q = torch.where(is_out, q + val.to(dtype), q)
-                outlier[:, c : c + 1], residual[:, c : c + 1] = is_out, val
-            codes[:, c : c + 1], Q[:, c : c + 1] = q_codes, q
-            err = (w - q) / U1[i, i]
-            losses += err[:, 0] ** 2 / 2
-            W1[:, i:] -= err @ U1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W1T, U1 = W[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]  # transposed, in GPTQ's sub-batches (gptq.py)
+        Err1T = torch.empty_like(W1T)
+        for j1, j2 in sub_batches(i2 - i1):
+            for i in range(j1, j2):
+                c = i1 + i
+                if c % gs == 0:  # a batch start (batch_bounds cuts there): W[:, c:] has every earlier update
+                    scale, zero, scale_qq, zero_qq = fit_group(W[:, c : c + gs], d[c : c + gs], threshold, cfg)
+                    scales[c // gs], zeros[c // gs] = scale, zero
+                    if qq:
+                        scale_qqs.append(scale_qq)
+                        zero_qqs.append(zero_qq)
+                w = W1T[i][:, None]
+                q_codes = (quantize_float_zero(w, scale, zero, cfg.maxq) if qq
+                           else quantize_codes(w, scale, zero, cfg.maxq))
+                q = dequantize(q_codes, scale, zero)
+                if math.isfinite(threshold):  # outliers keep w, up to the fp16 rounding of their correction
+                    is_out = ((w - q) / U1[i, i]).square() > threshold
+                    val = torch.where(is_out, w - q, 0).half()
+                    q = torch.where(is_out, q + val.to(dtype), q)
+                    outlier[:, c : c + 1], residual[:, c : c + 1] = is_out, val
+                codes[:, c : c + 1], Q[:, c : c + 1] = q_codes, q
+                err = Err1T[i] = ((w - q) / U1[i, i])[:, 0]
+                losses += err**2 / 2
+                W1T[i + 1 : j2] -= U1[i, i + 1 : j2, None] * err
+            with intra_op_threads(1):  # as GPTQ's loop computes it: the same bits
+                spread(W1T, U1, Err1T, j1, j2)
+        W[:, i2:] -= Err1T.t().contiguous() @ U[i1:i2, i2:]
 
     invperm = torch.argsort(perm)
     outlier, residual = outlier[:, invperm], residual[:, invperm]

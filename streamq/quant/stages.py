@@ -7,9 +7,11 @@ changes (every Linear called before it ends is quantized: it is *final*) is run 
 per sample, is kept the first time it is computed final and replayed by a stand-in in later passes. A module
 that returns its last Linear's output as is (attention returning o_proj's, an MLP returning down_proj's: a
 *tail*) is built without running it at all: after its Linear is solved, from the Linear's input that the
-Hessian pass already holds. All of it found by tracing one forward with hooks at module boundaries, so it works
-for any block transformers builds; replayed outputs are the very tensors the block computed, so the result is
-bit-identical to re-running it.
+Hessian pass already holds. A module without Linears whose output only replayed modules read in a pass (a
+norm feeding replayed attention) is skipped in that pass: a stand-in returns its input unread. All of it found
+by tracing one forward with hooks at module boundaries and a torch function mode that sees which module reads
+each module output, so it works for any block transformers builds; replayed outputs are the very tensors the
+block computed, so the result is bit-identical to re-running it.
 
 A block's streamed routed experts (quant/expert_stage.py StreamedExperts) are one leaf here, like a Linear: a
 group of its own whose pass keeps its inputs, and a tail of itself whose output its solve builds.
@@ -19,10 +21,13 @@ first; with nothing kept every pass recomputes, as without this module).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from streamq.forward import run_hooked
 from streamq.moe import parallel_key
@@ -54,6 +59,8 @@ class Trace:
     in_features: dict[str, int] = field(default_factory=dict)  # Linear -> in_features (its Hessian's side)
     n_events: int = 0
     parallel: dict[str, str] = field(default_factory=dict)  # MoE expert Linear -> its key (streamq/moe.py)
+    readers: dict[str, set[str]] = field(default_factory=dict)  # module -> modules running when an op read its
+    # output ("": the block's own code); only for modules without Linears returning one fresh tensor (skippable)
 
 
 @torch.no_grad()
@@ -62,39 +69,50 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
     modules = {n: m for n, m in block.named_modules() if n}
     t = Trace({}, {}, {}, [], [], {}, {}, {}, {})
     inputs, outputs, order = {}, {}, []  # tensors kept alive so ids stay distinct
+    reads = _Readers()
 
     def pre(name, module, args):
-        t.calls[name] = t.calls.get(name, 0) + 1
-        t.start.setdefault(name, len(order))
-        order.append(name)
-        if isinstance(module, (nn.Linear, StreamedExperts)):  # a leaf: streamed experts are solved as one
-            t.linears.append(name)
-            t.in_features[name] = module.in_features
-            inputs[name] = args[0] if isinstance(module, nn.Linear) else name  # a leaf is a group of its own
-            t.in_bytes[name] = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        with reads.paused():
+            t.calls[name] = t.calls.get(name, 0) + 1
+            t.start.setdefault(name, len(order))
+            order.append(name)
+            reads.running.append(name)
+            if isinstance(module, (nn.Linear, StreamedExperts)):  # a leaf: streamed experts are solved as one
+                t.linears.append(name)
+                t.in_features[name] = module.in_features
+                inputs[name] = args[0] if isinstance(module, nn.Linear) else name  # a leaf is a group of its own
+                t.in_bytes[name] = sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
 
-    def post(name, module, args, out):
-        t.end.setdefault(name, len(order))
-        order.append(name)
-        parts = out if isinstance(out, tuple) else (out,)
-        t.out_bytes[name] = sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
-        if isinstance(module, nn.Linear):
-            outputs[name] = out
-            return
-        if isinstance(module, StreamedExperts):  # its output is built by its solve (expert_stage.py)
-            t.tails[name], t.tail_len[name] = name, 0
-            return
-        inner = [n for n in t.linears if t.start[n] > t.start[name]]
-        if inner and isinstance(parts[0], torch.Tensor) and parts[0] is outputs.get(inner[-1]) \
-                and all(p is None for p in parts[1:]):
-            t.tails[name] = inner[-1]
-            t.tail_len[name] = len(out) if isinstance(out, tuple) else 0
+    def post(name, module, args, kwargs, out):
+        with reads.paused():
+            reads.running.pop()
+            t.end.setdefault(name, len(order))
+            order.append(name)
+            parts = out if isinstance(out, tuple) else (out,)
+            t.out_bytes[name] = sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
+            reads.produced(name, out, (args, kwargs), linear_free=not any(isinstance(m, (nn.Linear, StreamedExperts))
+                                                                       for m in module.modules()))
+            if isinstance(module, nn.Linear):
+                outputs[name] = out
+                return
+            if isinstance(module, StreamedExperts):  # its output is built by its solve (expert_stage.py)
+                t.tails[name], t.tail_len[name] = name, 0
+                return
+            inner = [n for n in t.linears if t.start[n] > t.start[name]]
+            if inner and isinstance(parts[0], torch.Tensor) and parts[0] is outputs.get(inner[-1]) \
+                    and all(p is None for p in parts[1:]):
+                t.tails[name] = inner[-1]
+                t.tail_len[name] = len(out) if isinstance(out, tuple) else 0
 
     hooks = []
     for name, m in modules.items():
         hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: pre(name, m, a)))
-        hooks.append(m.register_forward_hook(lambda m, a, o, name=name: post(name, m, a, o)))
-    run_hooked(block, x, kwargs, hooks)
+        hooks.append(m.register_forward_hook(lambda m, a, k, o, name=name: post(name, m, a, k, o),
+                                             with_kwargs=True))
+    with reads:
+        y = run_hooked(block, x, kwargs, hooks)
+    reads.read(y, "")  # the block returns it
+    t.readers = reads.result(t.calls)
     t.n_events = len(order)
     by_input: dict[int, list[str]] = {}
     for name in t.linears:
@@ -103,6 +121,58 @@ def trace(block: nn.Module, x: torch.Tensor, kwargs: dict) -> Trace:
     t.groups = list(by_input.values())
     t.parallel = {n: k for n in t.linears if (k := parallel_key(n, block)) is not None}
     return t
+
+
+class _Readers(TorchFunctionMode):
+    """During trace(): which modules were running (innermost; "" the block's own code) when a torch op read a
+    module's output. Tracked for modules without Linears that return one tensor of their own; a module whose
+    output is its input or another module's tensor is not tracked (it could not be told apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.running: list[str] = []
+        self._by_id: dict[int, str] = {}  # id of a tracked output -> its module
+        self._alive: list = []  # every output, so no id is reused during the trace
+        self._untracked: set[str] = set()
+        self._readers: dict[str, set[str]] = {}
+        self._paused = 0
+
+    def produced(self, name: str, out, inputs, linear_free: bool) -> None:
+        """Module `name` returned `out` from `inputs` (its args and kwargs)."""
+        self._alive.append(out)
+        ids = {id(a) for a in tree_leaves(inputs) if isinstance(a, torch.Tensor)}
+        for p in (p for p in tree_leaves(out) if isinstance(p, torch.Tensor)):
+            if id(p) in ids or id(p) in self._by_id:  # passed through: whose output it is stays unclear
+                self._untracked.update({name, self._by_id.pop(id(p), name)})
+        if linear_free and isinstance(out, torch.Tensor) and id(out) not in ids and name not in self._untracked:
+            self._by_id[id(out)] = name
+        else:
+            self._untracked.add(name)
+
+    def read(self, value, where: str) -> None:
+        """The tensors in `value` (any nesting) were read by module `where`."""
+        for a in tree_leaves(value):
+            if isinstance(a, torch.Tensor) and id(a) in self._by_id:
+                self._readers.setdefault(self._by_id[id(a)], set()).add(where)
+
+    def result(self, calls: dict[str, int]) -> dict[str, set[str]]:
+        """Trace.readers: the tracked modules called once, with who read their output."""
+        return {m: r for m, r in self._readers.items() if m not in self._untracked and calls[m] == 1}
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The trace's own bookkeeping inside: not a read."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._paused:
+            self.read((args, kwargs), self.running[-1] if self.running else "")
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -114,6 +184,7 @@ class Plan:
     record: dict[str, int] = field(default_factory=dict)  # module -> pass in which its output is kept
     build: dict[str, int] = field(default_factory=dict)  # tail module -> pass after whose solve it is built
     replay: list[list[str]] = field(default_factory=list)  # per pass, the modules replaced by stand-ins
+    skip: list[list[str]] = field(default_factory=list)  # per pass, modules whose output only replayed ones read
     peak_bytes: int = 0  # most bytes kept at once, per sample
 
 
@@ -173,6 +244,9 @@ def _simulate(t: Trace, passes, stops, forbidden: set[str]) -> Plan:
         replayed = [m for m in running if not any(inside(m, o) for o in running)]
         p.replay.append(replayed)
         covered = lambda m: m in replayed or any(inside(m, r) for r in replayed)  # noqa: E731
+        dead = [m for m, readers in t.readers.items() if t.start[m] < stop and not covered(m)
+                and all(c in replayed or any(c.startswith(r + ".") for r in replayed) for c in readers)]
+        p.skip.append([m for m in dead if not any(inside(m, o) for o in dead)])
         for m in candidates:
             if m not in avail and final_from(m) <= j and t.end[m] < stop and not covered(m):
                 p.record[m], avail[m] = j, j + 1
@@ -219,6 +293,16 @@ class Replay(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_original"), name)
+
+
+class Skip(Replay):
+    """Stands in for a module whose output nothing reads in this pass (Plan.skip): returns its first input, unread."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__(original, [], [0])
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else next(iter(kwargs.values()))
 
 
 def clone_output(out):
