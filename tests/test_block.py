@@ -233,8 +233,14 @@ def test_spilled_lists_reuse_the_pool_files_and_read_only_their_own_bytes(tmp_pa
     second.close()
     third.close()
     assert os.fstat(f.fileno()).st_size == 2 * 6 * 4 and list(tmp_path.iterdir()) == []
+    second.close()  # a second close gives nothing back twice
+    assert len(pool._free) == 2
     pool.close()
     assert f.closed
+    late = SpilledList(pool)  # a list closed after its pool: its file is closed, not kept
+    f2 = late._file
+    late.close()
+    assert f2.closed and pool._free == []
 
 
 def test_spilled_list_disk_full_is_one_line_error(tmp_path, monkeypatch):

@@ -19,18 +19,24 @@ class ScratchFiles:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._free: list[IO[bytes]] = []
+        self._closed = False
 
     def take(self) -> IO[bytes]:
         """A file to write from offset 0 (a returned one, holding stale bytes past what its new user writes)."""
         return self._free.pop() if self._free else tempfile.TemporaryFile(dir=self.folder)
 
     def give(self, f: IO[bytes], used: int) -> None:
-        """Take f back; `used`: the bytes its user wrote from offset 0 (the file is cut to them)."""
+        """Take f back; `used`: the bytes its user wrote from offset 0 (the file is cut to them). After close()
+        the file is closed instead."""
+        if self._closed:
+            f.close()
+            return
         f.truncate(used)
         self._free.append(f)
 
     def close(self) -> None:
         """Close (and so free) every file taken back; files still out are closed by their users."""
+        self._closed = True
         for f in self._free:
             f.close()
         self._free.clear()

@@ -30,8 +30,8 @@ class SpilledList:
 
     def __init__(self, where: str | Path | ScratchFiles):
         self._pool = where if isinstance(where, ScratchFiles) else None
-        self.folder = where.folder if self._pool else Path(where)
-        self._file = (self._pool or ScratchFiles(self.folder)).take()
+        self.folder = where.folder if self._pool is not None else Path(where)
+        self._file = (self._pool if self._pool is not None else ScratchFiles(self.folder)).take()
         self._items: list[tuple[bool, list]] = []  # per sample: (a tuple?, per part (offset, shape, dtype, device) | as is)
         self._end = 0
 
@@ -76,10 +76,14 @@ class SpilledList:
         return (self[k] for k in range(len(self)))
 
     def close(self) -> None:
+        """Give the file back to the pool (or close it); a second close does nothing."""
+        f, self._file = self._file, None
+        if f is None:
+            return
         if self._pool is not None:
-            self._pool.give(self._file, self._end)
+            self._pool.give(f, self._end)
         else:
-            self._file.close()
+            f.close()
 
 
 def new_kept(where: str | Path | ScratchFiles | None):
