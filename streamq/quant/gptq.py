@@ -236,7 +236,7 @@ def _column_batch_torch(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq:
     each column's error is spread over the sub-batch's later columns (rank-1 updates, as the reference does over
     the whole batch); after it, over the batch's remaining columns in one product (as the reference does after a
     batch). The same arithmetic as the reference up to the order of the sums."""
-    WT = W1.t().contiguous()
+    WT = W1.t().clone(memory_format=torch.contiguous_format)  # a copy even where W1.t() is contiguous
     CT, ET, d1 = torch.empty_like(WT), torch.empty_like(WT), Hinv1.diagonal().tolist()
     with intra_op_threads(1):
         for j1, j2 in sub_batches(WT.shape[0]):
@@ -272,7 +272,7 @@ def _column_batch_numpy(W1: Tensor, Hinv1: Tensor, S1: Tensor, Z1: Tensor, maxq:
                         codesT: Tensor, QT: Tensor) -> Tensor:
     """_column_batch_torch on the CPU with the same IEEE operations in the same order, the per-column ones through
     numpy (a fraction of torch's per-call overhead, which dominates these [rows]-sized ops): bit-identical results."""
-    tW = W1.t().contiguous()  # [n, rows]: row i is column i
+    tW = W1.t().clone(memory_format=torch.contiguous_format)  # [n, rows]: row i is column i (a copy)
     tE, tH = torch.empty_like(tW), Hinv1.contiguous()
     WT, ET, H1 = tW.numpy(), tE.numpy(), tH.numpy()
     S, Z, CT, QTn = S1.contiguous().numpy(), Z1.contiguous().numpy(), np.empty_like(WT), QT.numpy()

@@ -177,7 +177,8 @@ def spqr_quantize(W: Tensor, H: Tensor, cfg: QuantConfig) -> SpQRResult:
     residual = torch.zeros_like(W, dtype=torch.float16)
     losses = W.new_zeros(rows)
     for i1, i2 in batch_bounds(cols, cfg.block_columns, gs):
-        W1T, U1 = W[:, i1:i2].t().contiguous(), U[i1:i2, i1:i2]  # transposed, in GPTQ's sub-batches (gptq.py)
+        # transposed copies, solved in GPTQ's sub-batches (gptq.py)
+        W1T, U1 = W[:, i1:i2].t().clone(memory_format=torch.contiguous_format), U[i1:i2, i1:i2]
         Err1T = torch.empty_like(W1T)
         for j1, j2 in sub_batches(i2 - i1):
             for i in range(j1, j2):
