@@ -245,7 +245,7 @@ def _simulate(t: Trace, passes, stops, forbidden: set[str]) -> Plan:
         p.replay.append(replayed)
         covered = lambda m: m in replayed or any(inside(m, r) for r in replayed)  # noqa: E731
         dead = [m for m, readers in t.readers.items() if t.start[m] < stop and not covered(m)
-                and all(c in replayed or any(c.startswith(r + ".") for r in replayed) for c in readers)]
+                and all(c and covered(c) for c in readers)]  # ("": the block's own code reads it)
         p.skip.append([m for m in dead if not any(inside(m, o) for o in dead)])
         for m in candidates:
             if m not in avail and final_from(m) <= j and t.end[m] < stop and not covered(m):
