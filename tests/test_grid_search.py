@@ -49,7 +49,9 @@ def reference_mse_grid(x, bits, sym, full_range=False, grid=100, maxshrink=0.8, 
         if not full_range:
             z1 = torch.full_like(s1, (maxq + 1) / 2) if sym else torch.round(-lo / s1).clamp(1, maxq)
         q = torch.clamp(torch.round(x / s1[:, None]) + z1[:, None], 0, maxq)
-        err = (s1[:, None] * (q - z1[:, None]) - x).abs().pow(norm).sum(1)
+        # |d|^norm as exp(norm * ln|d|), the way grid._error takes it, so that near-ties resolve alike on any CPU;
+        # test_mse_error_is_the_power_sum checks that against fp64 pow
+        err = torch.exp(norm * torch.log((s1[:, None] * (q - z1[:, None]) - x).abs())).sum(1)
         better = (err < best) & searching
         best[better], scale[better], zero[better] = err[better], s1[better], z1[better]
         misses = torch.where(better, 0, misses + 1)
@@ -94,6 +96,23 @@ def test_mse_grid_equals_a_plain_loop_over_shrink_factors(bits, grid, patience, 
             assert torch.equal(scale, ref[0]) and torch.equal(zero, ref[1]), chunk
     if patience == 3 and bits < 8:  # the stop is exercised: some row's best lies beyond 3 misses in a row
         assert stopped_early
+
+
+def test_mse_error_is_the_power_sum():
+    """grid._error's sums (exp(norm * ln|d|) in fp32) within 1e-5 relative of sum |d|^norm in fp64; exact zeros
+    (weights on the grid, an all-zero row) give 0."""
+    from streamq.quant.grid import MSE_NORM, _error
+
+    w = weights(rows=64, cols=128, seed=7, heavy=True)
+    w[7, :] = 0.0
+    scale = torch.stack([w.abs().amax(1).clamp(min=1e-3) / 7 * f for f in (1.0, 0.8, 0.5)]).half().float()[..., None]
+    zero = torch.full_like(scale, 8.0)
+    w[9] = scale[0, 9, 0] * torch.arange(-8, 8).repeat(8)  # every weight on the first grid: error 0
+    got = _error(w[None], scale, zero, 15, torch.empty(3, *w.shape))
+    q = torch.clamp(torch.round(w / scale) + zero, 0, 15)
+    want = (scale.double() * (q.double() - zero) - w.double()).abs().pow(MSE_NORM).sum(-1)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=0)
+    assert got[:, 7].eq(0).all() and got[0, 9] == 0
 
 
 @pytest.mark.parametrize("search", ["minmax", "mse"])

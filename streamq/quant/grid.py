@@ -123,8 +123,9 @@ def _mse_grid(w: Tensor, wmin: Tensor, wmax: Tensor, bits: int, sym: bool, full_
         best = torch.full_like(live, torch.inf, dtype=w.dtype)
         last = torch.zeros_like(live)  # per live row: the shrink of its last improvement
         for s0 in range(0, len(shrink), steps):
-            x = w[r0 : r0 + len(live)] if s0 == 0 else w[live]  # (all rows live at first: a view, not a copy)
-            p, x, lo, hi = shrink[s0 : s0 + steps], x[None], wmin[live], wmax[live]
+            # (index_select, index_copy_: 4-6x faster than tensor[live] on the CPU; all rows live at first: a view)
+            x = w[r0 : r0 + len(live)] if s0 == 0 else w.index_select(0, live)
+            p, x, lo, hi = shrink[s0 : s0 + steps], x[None], wmin.index_select(0, live), wmax.index_select(0, live)
             s, z = grid_from_range(p * lo, p * hi, bits, sym, full_range)  # [steps, live rows]
             err = _error(x, s[..., None], z[..., None], maxq, buf[: s.numel() * cols].view(*s.shape, cols))
             err, last, stopped = _within_patience(err, best, last, s0)
@@ -132,8 +133,8 @@ def _mse_grid(w: Tensor, wmin: Tensor, wmax: Tensor, bits: int, sym: bool, full_
             win = e < best  # strictly: an earlier (larger) p keeps ties
             best = torch.where(win, e, best)
             pick = i[None]
-            scale[live] = torch.where(win, s.gather(0, pick)[0], scale[live])
-            zero[live] = torch.where(win, z.gather(0, pick)[0], zero[live])
+            scale.index_copy_(0, live, torch.where(win, s.gather(0, pick)[0], scale.index_select(0, live)))
+            zero.index_copy_(0, live, torch.where(win, z.gather(0, pick)[0], zero.index_select(0, live)))
             live, best, last = live[~stopped], best[~stopped], last[~stopped]
             if not len(live):
                 break
@@ -167,9 +168,11 @@ def _within_patience(err: Tensor, best: Tensor, last: Tensor, s0: int) -> tuple[
 
 def _error(x: Tensor, scale: Tensor, zero: Tensor, maxq: int, out: Tensor) -> Tensor:
     """sum over cols of |x - dequantize(quantize_codes(x))|^MSE_NORM: x [1, rows, cols], scale/zero [S, rows, 1]
-    -> [S, rows]; quantize_codes' and dequantize's arithmetic, in place in out [S, rows, cols]."""
+    -> [S, rows]; quantize_codes' and dequantize's arithmetic, in place in out [S, rows, cols]. The power is taken
+    as exp(MSE_NORM * ln|d|) (0 at d = 0): within 1e-6 of pow's value relative to each sum, in half the time of
+    the whole error (pow alone was 3/4 of it; tools/bench_grid_search.py)."""
     q = torch.div(x, scale, out=out).round_().add_(zero).clamp_(0, maxq)
-    q.sub_(zero).mul_(scale).sub_(x).abs_().pow_(MSE_NORM)
+    q.sub_(zero).mul_(scale).sub_(x).abs_().log_().mul_(MSE_NORM).exp_()
     return q.sum(dim=-1)
 
 
