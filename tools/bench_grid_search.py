@@ -69,8 +69,7 @@ def main() -> None:
         versus = (0, k) if not k else (p, "")
         differ = sum(int(((s != s0) | (z != z0)).sum()) for (s, z), (s0, z0) in zip(fits, results[versus][1]))
         print(f"patience {p or 'none (full search)'}{k}: {min(seconds[p, k]):.2f} s, {n / total:.1f} shrinks a row, "
-              f"{differ} rows differ from {'the full search' if not k else 'the same patience with exp(norm * ln|d|)'}"
-              + (" (pow)" if k and not p else ""))
+              f"{differ} rows differ from {'the full search' if not k else 'the same patience with exp(norm * ln|d|)'}")
 
 
 def pow_error(x, scale, zero, maxq, out):

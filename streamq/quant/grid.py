@@ -51,7 +51,7 @@ def full_range_scale(wmin: Tensor, wmax: Tensor, bits: int) -> Tensor:
 GRID_SEARCHES = ("minmax", "mse")
 MSE_STEPS, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4  # range factors 1, 0.99, ..., 0.21; error exponent
 # On all 210 SmolLM2-135M Linears (g64 w4 asym, tools/bench_grid_search.py) 10 tries 17.0 of the 80 shrinks a row and
-# gives 6207 of 1.66M rows (0.37%) another grid than the full search, in 0.74x the time of 20 (27.3 shrinks, every row
+# gives 6207 of 1.66M rows (0.37%) another grid than the full search, in 0.68x the time of 20 (27.3 shrinks, every row
 # the full search's grid); perplexity 27.74 vs 27.79 with 20 (README "Results"). llm-compressor's mse observer: 5.
 MSE_PATIENCE = 10
 # elements of one [shrinks, rows, cols] error tensor (8 MiB fp32): all SmolLM2 Linears 5.4-6.1 s idle, 2 MiB 8.9-9.5 s
@@ -169,8 +169,9 @@ def _within_patience(err: Tensor, best: Tensor, last: Tensor, s0: int) -> tuple[
 def _error(x: Tensor, scale: Tensor, zero: Tensor, maxq: int, out: Tensor) -> Tensor:
     """sum over cols of |x - dequantize(quantize_codes(x))|^MSE_NORM: x [1, rows, cols], scale/zero [S, rows, 1]
     -> [S, rows]; quantize_codes' and dequantize's arithmetic, in place in out [S, rows, cols]. The power is taken
-    as exp(MSE_NORM * ln|d|) (0 at d = 0): within 1e-6 of pow's value relative to each sum, in half the time of
-    the whole error (pow alone was 3/4 of it; tools/bench_grid_search.py)."""
+    as exp(MSE_NORM * ln|d|) (0 at d = 0): within 1e-6 of pow's value relative to each sum; on an Intel Xeon VM
+    the whole search took 0.73x pow's time, on an AMD EPYC VM about the same (tools/bench_grid_search.py --pow-error:
+    7-8 of 1.66M rows get another grid)."""
     q = torch.div(x, scale, out=out).round_().add_(zero).clamp_(0, maxq)
     q.sub_(zero).mul_(scale).sub_(x).abs_().log_().mul_(MSE_NORM).exp_()
     return q.sum(dim=-1)
