@@ -66,7 +66,7 @@ def main() -> None:
           f"{'sym' if a.sym else 'asym'} g{a.group_size}")
     for p, k in runs:
         n, fits = results[p, k]
-        versus = (0, k) if not k else (p, "")
+        versus = (p, "") if k else (0, "")  # pow: against exp-log at the same patience; else the full search
         differ = sum(int(((s != s0) | (z != z0)).sum()) for (s, z), (s0, z0) in zip(fits, results[versus][1]))
         print(f"patience {p or 'none (full search)'}{k}: {min(seconds[p, k]):.2f} s, {n / total:.1f} shrinks a row, "
               f"{differ} rows differ from {'the full search' if not k else 'the same patience with exp(norm * ln|d|)'}")
