@@ -94,7 +94,7 @@ def _block_work(layout, ckpt, i, store, slot, kwargs, cfg, device, dtype, lean, 
             for x in samples():
                 emit(run_block(block, x, kwargs))
         extra.update(activation_scales(absmax, cfg))
-    store.flush(dest)
+    store.complete(dest)  # made durable by the pipeline before the manifest points at it (store.sync)
     return results, extra
 
 
@@ -116,7 +116,7 @@ def propagate(block: nn.Module, store: ActivationStore, source: str, dest: str, 
             sse += (y.float() - t).pow(2).sum().item()
             ref += t.pow(2).sum().item()
         store.write(dest, j, y)
-    store.flush(dest)
+    store.complete(dest)  # made durable by the pipeline before the manifest points at it (store.sync)
     return sse / max(ref, 1e-30) if targets is not None else None
 
 

@@ -164,7 +164,7 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
                                           "peak_vram_bytes": peak_vram(device)}
             manifest.setdefault("source_sha256", {}).update(ckpt.digests)  # what a resume must find unchanged
             manifest["next_block"] = i + 1
-            writes.submit(lambda i=i, tensors=tensors: record_block(out, writer, manifest, i, tensors))
+            writes.submit(lambda i=i, tensors=tensors: record_block(out, writer, manifest, i, tensors, store))
             del tensors
             progress.block_done(i, layers, seconds, io_wait)
             if should_stop():  # SIGINT/SIGTERM: stop once block i is on disk
@@ -193,8 +193,12 @@ def compress_locked(model: str | Path, out: str | Path, cfg: QuantConfig, opts: 
     return out
 
 
-def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Write block i's tensors into their shard, then the manifest that records it (data first)."""
+def record_block(out: Path, writer: ShardWriter, manifest: dict, i: int, tensors: dict[str, torch.Tensor],
+                 store: ActivationStore | None) -> None:
+    """Make the store slots block i wrote durable and write its tensors into their shard, then the manifest that
+    records it (data first)."""
+    if store is not None:
+        store.sync()
     manifest["units"][f"block.{i}"] = writer.write_unit(f"block.{i}", tensors)
     write_json_atomic(out / MANIFEST, manifest)
     if expert_scratch(out, i).exists():  # the block's solved experts are in its shard now

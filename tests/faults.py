@@ -30,21 +30,18 @@ def write_half(f, data) -> None:
     f.write(view[: len(view) // 2])
 
 
-def full_disk_store(store, fail_at: int, prefix: str):
-    """A zarr store (public WrapperStore API) that behaves like `store` until the fail_at-th write of a key
-    starting with prefix, which raises ENOSPC as a full disk does (zarr writes each chunk to a temporary file
-    renamed into place, so nothing of it lands)."""
+def full_disk_pwrite(pwrite_all, fail_at: int):
+    """A pwrite_all (io/fileread.py) that behaves like the given one until its fail_at-th call, which writes half
+    the bytes and raises ENOSPC as a full disk does."""
     import errno
-
-    from zarr.storage import WrapperStore
 
     count = [0]
 
-    class FullDisk(WrapperStore):
-        async def set(self, key, value):
-            count[0] += key.startswith(prefix)
-            if count[0] >= fail_at:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return await super().set(key, value)
+    def pwrite(fd, data, offset):
+        count[0] += 1
+        if count[0] >= fail_at:
+            pwrite_all(fd, data[: len(data) // 2], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite_all(fd, data, offset)
 
-    return FullDisk(store)
+    return pwrite

@@ -247,12 +247,12 @@ def test_spilled_list_disk_full_is_one_line_error(tmp_path, monkeypatch):
     import errno
 
     from streamq.errors import StreamqError
-    from streamq.quant import kept as kept_module
+    from streamq.io import fileread
 
     def full(*a):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(kept_module.os, "pwrite", full)
+    monkeypatch.setattr(fileread.os, "pwrite", full)
     kept = SpilledList(tmp_path)
     with pytest.raises(StreamqError, match="disk full"):
         kept.append(torch.ones(4))

@@ -14,7 +14,7 @@ import streamq.io.manifest
 import streamq.io.writer
 from streamq.cli import main
 from tests.conftest import make_tiny_model, output_snapshot
-from tests.faults import InterceptedFile, full_disk_store, write_half
+from tests.faults import InterceptedFile, full_disk_pwrite, write_half
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,10 +51,9 @@ def fill_disk(where: str, monkeypatch) -> None:
         monkeypatch.setattr(streamq.io.writer, "open", full_after(40), raising=False)
     elif where == "manifest":  # the first manifest, block 0's, then block 1's fails
         monkeypatch.setattr(streamq.io.manifest, "open", full_after(2), raising=False)
-    else:  # the 3rd sample of slot a: block 1's first output (block-0 inputs were the first two)
-        local = streamq.calib.store.open_local
-        monkeypatch.setattr(streamq.calib.store, "open_local",
-                            lambda path: full_disk_store(local(path), fail_at=3, prefix="a/c/"))
+    else:  # the 5th sample written: block 1's first output into slot a (block 0 read two from a, wrote two to b)
+        monkeypatch.setattr(streamq.calib.store, "pwrite_all",
+                            full_disk_pwrite(streamq.calib.store.pwrite_all, fail_at=5))
 
 
 @pytest.mark.parametrize("where,file", [("shard", "model-00002-of-00003.safetensors.partial"),

@@ -87,7 +87,7 @@ def install(job):
         event("finish.start")
 
     wrap(ActivationStore, "write", lambda *a: event("store.write"))
-    wrap(ActivationStore, "flush", lambda *a: event("store.flush"))
+    wrap(ActivationStore, "sync", lambda *a: event("store.sync"))  # (flush syncs too)
     wrap(os, "replace", rename_kind)
     wrap(shutil, "rmtree", lambda *a, **k: event("rmtree"))
     wrap(os, "unlink", lambda *a, **k: event("unlink"))

@@ -144,6 +144,28 @@ def test_flush_syncs_once_per_slot(tmp_path, monkeypatch, has_syncfs):
     assert len(fsyncs) == (0 if has_syncfs else (N + 1) + (2 * N + 2) + 2), len(fsyncs)
 
 
+def test_sync_makes_durable_what_complete_checked(tmp_path, monkeypatch):
+    """complete() checks a slot and defers its sync: sync() syncs once for every slot marked since the last one,
+    nothing when none is; a partial slot is refused by complete() and never marked."""
+    import streamq.calib.store as store_module
+
+    syncs = []
+    monkeypatch.setattr(store_module, "sync_filesystem", lambda path: syncs.append(path) or True)
+    store = make("disk", tmp_path, torch.float32)
+    for i in range(N - 1):
+        store.write("a", i, samples(torch.float32)[i])
+    with pytest.raises(StreamqError, match=f"slot a lacks samples \\[{N - 1}\\]"):
+        store.complete("a")
+    store.sync()
+    assert syncs == []
+    store.write("a", N - 1, samples(torch.float32)[N - 1])
+    store.complete("a")
+    assert syncs == []
+    store.sync()
+    store.sync()
+    assert len(syncs) == 1
+
+
 def test_sync_filesystem_works_here(tmp_path):
     from streamq.calib.store import sync_filesystem
 

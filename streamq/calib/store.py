@@ -3,17 +3,19 @@
 Two slots, "a" and "b", ping-pong: block i reads one and writes the other, so the slot a manifest
 points at is never being written. A store with an fp stream (AutoRound's targets: the unquantized model's
 hidden states) has a second pair, "fa" and "fb", that ping-pongs alongside. On disk it is a zarr v3 group (one
-array per slot, one chunk per sample), used through zarr's public API only: zarr >= 3.1.3 writes each chunk to a
-temporary file and renames it into place, so a killed write never leaves a torn sample. In RAM, one torch tensor
-per slot with the same API.
+array per slot, one chunk per sample) that zarr creates and opens; each chunk is written to a temporary file and
+renamed into place (as zarr >= 3.1.3 writes one), so a killed write never leaves a torn sample. In RAM, one torch
+tensor per slot with the same API.
 
 Which samples hold data is tracked in memory (a sample is written before it is read, a slot complete before a
 manifest points at it); a store reopened for a resume takes a slot whose every chunk is stored as complete.
-flush() makes a slot durable with one filesystem sync (syncfs) rather than one fsync per sample file.
-Reads of an uncompressed slot (the one layout streamq writes) skip zarr's async machinery: the chunk file, named
-by zarr's own chunk key, holds the sample's raw little-endian bytes (zarr v3's `bytes` codec), read with one
-preadv into the tensor returned (~0.15 ms for a SmolLM2 sample against ~1 ms through zarr; a block reads its
-inputs once per pass).
+sync() makes the slots complete() checked durable with one filesystem sync (syncfs) rather than one fsync per
+sample file; flush(slot) does both at once.
+Reads and writes of an uncompressed slot (the one layout streamq creates) skip zarr's async machinery: the chunk
+file, named by zarr's own chunk key, holds the sample's raw little-endian bytes (zarr v3's `bytes` codec), read
+with one preadv into the tensor returned (~0.15 ms for a SmolLM2 sample against ~1 ms through zarr; a block reads
+its inputs once per pass) and written with one pwrite (0.4-0.6 ms against 1.4-1.5 ms through zarr's setitem on
+this project's 2-core VM; tools/bench_store_io.py).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from zarr.codecs import BytesCodec
 from zarr.codecs.bytes import Endian
 
 from streamq.errors import StreamqError, disk_full
-from streamq.io.fileread import pread_tensor
+from streamq.io.fileread import pread_tensor, pwrite_all
 from streamq.io.manifest import fsync_path
 from streamq.io.scratch import ScratchFiles
 
@@ -68,6 +70,8 @@ class ActivationStore:
         self.before_write = None  # called (and its time counted in io_seconds) before every write, see writebehind.py
         # on disk: scratch files beside the store, reused block after block (quant/kept.py spills into them)
         self.spill = ScratchFiles(Path(path).parent) if path is not None else None
+        self._folders: set[str] = set()  # chunk folders known to exist (_write_chunk_file)
+        self._unsynced: set[str] = set()  # slots complete() found whole, not yet made durable (sync())
 
     @classmethod
     def on_disk(cls, path: str, nsamples: int, seqlen: int, hidden: int, dtype: torch.dtype,
@@ -198,34 +202,66 @@ class ActivationStore:
         if self.dtype == torch.bfloat16:
             x = x.view(torch.uint16)
         try:
-            self._arrays[slot][i:i + 1] = x.contiguous().numpy()
+            if _raw_little_endian(self._arrays[slot]):
+                self._write_chunk_file(slot, i, x)
+            else:
+                self._arrays[slot][i:i + 1] = x.contiguous().numpy()
         except OSError as e:  # full disk, removed folder
             if e.errno == errno.ENOSPC:  # this slot's remaining samples are what it still needs
                 raise disk_full(self._sample_key(slot, i), (self.nsamples - i) * self.nbytes_per_sample) from None
             raise StreamqError(f"activation store {self._path}: cannot write sample {i} of slot {slot} ({e})") from None
         self._written[slot][i] = True
 
-    def flush(self, slot: str) -> None:
-        """Make ``slot`` durable before a manifest points at it: one syncfs of the store's filesystem (every
-        chunk file, the renames that put them in place, the metadata), else an fsync of each file and folder.
-        Raises if a sample was never written, so a manifest cannot point at a partial slot. In RAM only the
-        check runs."""
-        with self._blocked():
-            self._flush(slot)
+    def _write_chunk_file(self, slot: str, i: int, x: torch.Tensor) -> None:
+        """Sample i of an uncompressed slot as zarr stores it: its raw bytes in a temporary file of the chunk's
+        folder, renamed onto the chunk key (so a killed write never leaves a torn sample)."""
+        path = self._sample_key(slot, i)
+        folder = os.path.dirname(path)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        tmp = f"{path}.{os.getpid()}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                pwrite_all(fd, memoryview(x.contiguous().reshape(-1).view(torch.uint8).numpy()), 0)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
-    def _flush(self, slot: str) -> None:
+    def flush(self, slot: str) -> None:
+        """Make ``slot`` durable now: complete(slot), then sync()."""
+        with self._blocked():
+            self.complete(slot)
+            self.sync()
+
+    def complete(self, slot: str) -> None:
+        """Raise if a sample of ``slot`` was never written, so a manifest cannot point at a partial slot; else
+        mark it for the next sync(). (The pipeline syncs on its write-behind thread, before the manifest that
+        points at the slot: the next block computes meanwhile.)"""
         self._check_slot(slot)
         missing = [i for i in range(self.nsamples) if not self._written[slot][i]]
         if missing:
             where = self._path or "(RAM)"
             raise StreamqError(f"activation store {where}: slot {slot} lacks samples {missing[:8]}"
                                f"{' ...' if len(missing) > 8 else ''} ({len(missing)} of {self.nsamples})")
-        if self._path is None or sync_filesystem(self._path):
+        self._unsynced.add(slot)
+
+    def sync(self) -> None:
+        """Make the slots complete() marked durable: one syncfs of the store's filesystem (every chunk file, the
+        renames that put them in place, the metadata), else an fsync of each file and folder. In RAM: nothing."""
+        slots, self._unsynced = self._unsynced, set()
+        if self._path is None or not slots or sync_filesystem(self._path):
             return
-        for folder, _, files in os.walk(os.path.join(self._path, slot), topdown=False):
-            for name in files:
-                fsync_path(os.path.join(folder, name))
-            fsync_path(folder)
+        for slot in sorted(slots):
+            for folder, _, files in os.walk(os.path.join(self._path, slot), topdown=False):
+                for name in files:
+                    fsync_path(os.path.join(folder, name))
+                fsync_path(folder)
         fsync_path(os.path.join(self._path, "zarr.json"))
         fsync_path(self._path)
 

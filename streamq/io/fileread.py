@@ -1,4 +1,4 @@
-"""Reading a tensor's bytes straight from a file into the tensor (no memory map, no intermediate buffer)."""
+"""A tensor's bytes straight between a file and the tensor (no memory map, no intermediate buffer)."""
 from __future__ import annotations
 
 import os
@@ -16,3 +16,12 @@ def pread_tensor(fd: int, offset: int, shape, dtype: torch.dtype) -> tuple[torch
     while done < len(view) and (n := os.preadv(fd, [view[done:]], offset + done)):
         done += n
     return t, done
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    """Write all of data at offset (pwrite, continued after short writes); returns len(data). OSError (ENOSPC on
+    a full disk) propagates to the caller, which names the file."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+    return done

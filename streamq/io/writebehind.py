@@ -1,5 +1,6 @@
-"""Write-behind of finished blocks: a block's packed tensors go into their shard, and then the manifest records
-the block, on a background thread while the next block computes.
+"""Write-behind of finished blocks: the store slots a block wrote are made durable (ActivationStore.sync), its
+packed tensors go into their shard, and then the manifest records the block, on a background thread while the
+next block computes.
 
 At most one record is pending. Resuming needs the store slot a killed run restarts from, so the pipeline makes
 every activation-store write wait for the pending record first (ActivationStore.before_write): until a block is

@@ -11,13 +11,12 @@ existing pages costs a fraction of writing into fresh ones.
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import torch
 
 from streamq.errors import disk_full
-from streamq.io.fileread import pread_tensor
+from streamq.io.fileread import pread_tensor, pwrite_all
 from streamq.io.scratch import ScratchFiles
 
 
@@ -48,15 +47,12 @@ class SpilledList:
         self._items.append((isinstance(out, tuple), meta))
 
     def _write(self, data: memoryview) -> None:
-        fd, done = self._file.fileno(), 0
-        while done < len(data):
-            try:
-                done += os.pwrite(fd, data[done:], self._end + done)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise disk_full(self.folder / "(kept block intermediates)", len(data) - done) from None
-                raise
-        self._end += done
+        try:
+            self._end += pwrite_all(self._file.fileno(), data, self._end)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(self.folder / "(kept block intermediates)", len(data)) from None
+            raise
 
     def _read(self, offset: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
         t, done = pread_tensor(self._file.fileno(), offset, shape, dtype)
