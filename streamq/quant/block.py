@@ -24,7 +24,8 @@ from streamq.quant.expert_stage import InputsKept, StreamedExperts, dry_run, sol
 from streamq.quant.hessian import HessianAccumulator, relative_output_error
 from streamq.quant.kept import close_kept, new_kept
 from streamq.quant.spqr import SpQRResult
-from streamq.quant.stages import Plan, Replay, Skip, Trace, clone_output, plan, swap, trace
+from streamq.quant.stages import Plan, Replay, Skip, Trace, clone_output, plan, swap
+from streamq.quant.twins import twin_trace
 
 Samples = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over the block's inputs, each [1, seq, hidden]
 
@@ -173,7 +174,7 @@ def quantize_block(block: nn.Module, samples: Samples, kwargs: dict, cfg: QuantC
 def _quantize_passes(block, samples, kwargs, cfg, device, hessian_device, emit, keep_bytes, modules, skip, spill):
     """quantize_block's true-sequential passes (MoE experts in the calibration mode cfg asks for)."""
     with dry_run(block):
-        t = trace(block, next(iter(samples())).to(device), kwargs)
+        t = twin_trace(block, lambda: next(iter(samples())).to(device), kwargs, device)
     p = plan(t, cfg.true_sequential, None if spill is not None else keep_bytes)
     kept = {m: new_kept(spill) for m in [*p.record, *p.build]}
     last_use = {m: max(j for j, r in enumerate(p.replay) if m in r) for m in kept}
