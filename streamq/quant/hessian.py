@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 
-_STRIPS = 8  # add() multiplies the upper block-triangle of x^T x in this many column strips (9/16 of the work)
+_STRIPS = 8  # add() rescales H and adds x^T x on its upper block-triangle in this many strips (9/16 of the work)
 
 
 class HessianAccumulator:
@@ -30,13 +30,14 @@ class HessianAccumulator:
         if batch == 0:
             return
         x = x.reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)
-        self._H *= self._nsamples / (self._nsamples + batch)
+        keep = self._nsamples / (self._nsamples + batch)
         self._nsamples += batch
         x = math.sqrt(2 / self._nsamples) * x
         d = x.shape[1]
         width = -(-d // _STRIPS)
-        for i in range(0, d, width):  # upper block-triangle only: x^T x is symmetric
-            self._H[i : i + width, i:].addmm_(x[:, i : i + width].t(), x[:, i:])
+        for i in range(0, d, width):  # upper block-triangle only: x^T x is symmetric (so is the rescale)
+            strip = self._H[i : i + width, i:]
+            strip.mul_(keep).addmm_(x[:, i : i + width].t(), x[:, i:])
         self._mirrored = False
 
     @property
