@@ -7,7 +7,10 @@ import torch
 from torch import Tensor
 
 
-_STRIPS = 8  # add() rescales H and adds x^T x on its upper block-triangle in this many strips (9/16 of the work)
+# add() rescales H and adds x^T x on its upper block-triangle in this many column strips (10/16 of the work): on
+# SmolLM2's widths 4 strips took 0.96x the time of 8 (9/16 of the work, smaller products), the same bits
+# (tools/bench_hessian.py, an Intel Xeon VM)
+_STRIPS = 4
 
 
 class HessianAccumulator:
