@@ -257,3 +257,18 @@ def test_spilled_list_disk_full_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(StreamqError, match="disk full"):
         kept.append(torch.ones(4))
     kept.close()
+
+    monkeypatch.undo()
+    real, calls = os.pwrite, []
+
+    def short_then_full(fd, data, offset):  # a short write, then the disk is full: 6 of 16 bytes remain
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, data[:10], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileread.os, "pwrite", short_then_full)
+    kept = SpilledList(tmp_path)
+    with pytest.raises(StreamqError, match=r"disk full \(6 bytes still to write"):
+        kept.append(torch.ones(4))
+    kept.close()

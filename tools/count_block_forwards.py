@@ -4,10 +4,11 @@
 
 MODEL_DIR: a Hugging Face model folder (default: a tiny random Llama, as the tests build). Block 0 is quantized
 (GPTQ w4 g64, true-sequential) on nsamples random-token windows, including the pass that produces its outputs.
-Reported, for block 0 traced and for a twin of it that reuses the trace (quant/twins.py): Linear work run (multiply-adds of every completed Linear call) and attention-core calls
-(scaled_dot_product_attention), each divided by what one forward of the block over the samples does. With
---baseline (e.g. `git show 520bf8f:streamq/quant/block.py > /tmp/old_block.py`) that file's quantize_block,
-followed by one plain output pass as blockwork ran it, is counted too.
+Reported, for block 0 traced and for a twin of it that reuses the trace (quant/twins.py): Linear work run
+(multiply-adds of every completed Linear call) and attention-core calls (scaled_dot_product_attention), each
+divided by what one forward of the block over the samples does. With --baseline (e.g. `git show
+520bf8f:streamq/quant/block.py > /tmp/old_block.py`) that file's quantize_block, followed by one plain output
+pass as blockwork ran it, is counted too.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def main() -> None:
     cfg = QuantConfig(bits=4, group_size=64 if block.mlp.down_proj.in_features % 64 == 0 else 32) \
         if hasattr(block, "mlp") else QuantConfig(bits=4, group_size=32)
     cpu = torch.device("cpu")
+
     def first(b):  # as block 0 of a run: traced (a later twin block reuses the trace, quant/twins.py)
         twins.forget()
         quantize_block(b, lambda: iter(xs), kw, cfg, cpu, emit=lambda y: None)

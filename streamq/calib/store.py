@@ -14,8 +14,8 @@ sample file; flush(slot) does both at once.
 Reads and writes of an uncompressed slot (the one layout streamq creates) skip zarr's async machinery: the chunk
 file, named by zarr's own chunk key, holds the sample's raw little-endian bytes (zarr v3's `bytes` codec), read
 with one preadv into the tensor returned (~0.15 ms for a SmolLM2 sample against ~1 ms through zarr; a block reads
-its inputs once per pass) and written with one pwrite (0.4-0.6 ms against 1.4-1.5 ms through zarr's setitem on
-this project's 2-core VM; tools/bench_store_io.py).
+its inputs once per pass) and written with one pwrite (0.42-1.22 ms against 1.02-1.85 ms through zarr's setitem
+on this project's 2-core VM; tools/bench_store_io.py).
 """
 from __future__ import annotations
 
@@ -70,7 +70,6 @@ class ActivationStore:
         self.before_write = None  # called (and its time counted in io_seconds) before every write, see writebehind.py
         # on disk: scratch files beside the store, reused block after block (quant/kept.py spills into them)
         self.spill = ScratchFiles(Path(path).parent) if path is not None else None
-        self._folders: set[str] = set()  # chunk folders known to exist (_write_chunk_file)
         self._unsynced: set[str] = set()  # slots complete() found whole, not yet made durable (sync())
 
     @classmethod
@@ -216,10 +215,7 @@ class ActivationStore:
         """Sample i of an uncompressed slot as zarr stores it: its raw bytes in a temporary file of the chunk's
         folder, renamed onto the chunk key (so a killed write never leaves a torn sample)."""
         path = self._sample_key(slot, i)
-        folder = os.path.dirname(path)
-        if folder not in self._folders:
-            os.makedirs(folder, exist_ok=True)
-            self._folders.add(folder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.partial"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -20,8 +20,12 @@ def pread_tensor(fd: int, offset: int, shape, dtype: torch.dtype) -> tuple[torch
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> int:
     """Write all of data at offset (pwrite, continued after short writes); returns len(data). OSError (ENOSPC on
-    a full disk) propagates to the caller, which names the file."""
+    a full disk) propagates to the caller, which names the file, with the bytes already written as `e.written`."""
     done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:
+        e.written = done
+        raise
     return done

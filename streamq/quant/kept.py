@@ -51,7 +51,7 @@ class SpilledList:
             self._end += pwrite_all(self._file.fileno(), data, self._end)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise disk_full(self.folder / "(kept block intermediates)", len(data)) from None
+                raise disk_full(self.folder / "(kept block intermediates)", len(data) - e.written) from None
             raise
 
     def _read(self, offset: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
