@@ -1,1 +1,20 @@
-"""Triton kernels, installed as `streamq.kernels` (a top-level `kernels` would clash with Hugging Face's package)."""
+"""Triton kernels, installed as `streamq.kernels` (pyproject's package-dir maps this folder there).
+
+Hugging Face's package is also called `kernels`, and transformers >= 5.25 requires and imports it. Where a
+checkout's root is on sys.path (`python -m pytest`, `python -c` run there), this folder is found first as the
+top-level `kernels`; it then loads Hugging Face's package in its place, so `import transformers` still works.
+"""
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        raise ImportError(f"no package 'kernels' outside {_root} (this folder is streamq.kernels, not that package)")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this file runs
+    _spec.loader.exec_module(_module)

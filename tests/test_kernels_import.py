@@ -1,0 +1,22 @@
+"""The kernels folder, run from a checkout's root: `import kernels` is Hugging Face's package, not this folder."""
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = "import kernels, streamq.kernels.gptq as g; print(kernels.__file__); print(g.__file__)"
+
+
+def test_top_level_kernels_from_the_checkout_root_is_not_this_folder():
+    """transformers >= 5.25 imports Hugging Face's `kernels`; with the root on sys.path it must still get it."""
+    run = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:  # no such package installed: a clear ImportError, no stand-in
+        assert run.returncode != 0 and "no package 'kernels' outside" in run.stderr, run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    hub, ours = run.stdout.split()
+    assert not Path(hub).resolve().is_relative_to(ROOT), hub
+    assert Path(ours).resolve() == ROOT / "kernels" / "gptq.py"
