@@ -2,7 +2,8 @@
 
 Hugging Face's package is also called `kernels`, and transformers >= 5.25 requires and imports it. Where a
 checkout's root is on sys.path (`python -m pytest`, `python -c` run there), this folder is found first as the
-top-level `kernels`; it then loads Hugging Face's package in its place, so `import transformers` still works.
+top-level `kernels`; it then loads Hugging Face's package in its place, so `import transformers` still works
+(where that package is not installed it stays this folder, which transformers, finding no version, ignores).
 """
 if __name__ == "kernels":
     import importlib.machinery
@@ -13,8 +14,7 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is None or _spec.loader is None:
-        raise ImportError(f"no package 'kernels' outside {_root} (this folder is streamq.kernels, not that package)")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this file runs
-    _spec.loader.exec_module(_module)
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this file runs
+        _spec.loader.exec_module(_module)
