@@ -11,10 +11,11 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _here = os.path.realpath(__file__)  # real paths: the root may be on sys.path under several names (symlinks)
+    _root = os.path.dirname(os.path.dirname(_here))
+    _path = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is not None and _spec.loader is not None:
+    if _spec is not None and _spec.loader is not None and os.path.realpath(_spec.origin or "") != _here:
         _module = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this file runs
         _spec.loader.exec_module(_module)
