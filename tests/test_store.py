@@ -126,50 +126,51 @@ def test_reopen_takes_only_complete_slots(tmp_path):
     again.flush("a")
 
 
-@pytest.mark.parametrize("has_syncfs", [True, False])
-def test_flush_syncs_once_per_slot(tmp_path, monkeypatch, has_syncfs):
-    """One filesystem sync per flush (not one fsync per sample); without syncfs, every file and folder."""
+def test_flush_fsyncs_the_slot_and_nothing_else(tmp_path, monkeypatch):
+    """flush fsyncs each chunk file of the slot and each folder it lies in, then the metadata: nothing outside the
+    store, nothing of the other slot (not a syncfs, which would also write back the kept intermediates' scratch
+    files beside the store)."""
     import streamq.calib.store as store_module
 
-    syncs, fsyncs = [], []
-    real_fsync = os.fsync
-    monkeypatch.setattr(store_module, "sync_filesystem", lambda path: syncs.append(path) or has_syncfs)
-    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    fsynced = []
+    monkeypatch.setattr(store_module, "fsync_path", lambda path: fsynced.append(os.path.realpath(path)))
     store = make("disk", tmp_path, torch.float32)
     for i in range(N):
         store.write("a", i, samples(torch.float32)[i])
+        store.write("b", i, samples(torch.float32)[i])
     store.flush("a")
-    assert len(syncs) == 1
-    # without syncfs: N chunk files and a/zarr.json, the folders a/c/<i>/0, a/c/<i>, a/c, a, then zarr.json, root
-    assert len(fsyncs) == (0 if has_syncfs else (N + 1) + (2 * N + 2) + 2), len(fsyncs)
+    root = os.path.realpath(store._path)
+    chunks = [os.path.realpath(store._sample_key("a", i)) for i in range(N)]
+    assert set(chunks) | {os.path.dirname(c) for c in chunks} <= set(fsynced)
+    slot_a = os.path.join(root, "a")
+    assert all(p in (root, slot_a, os.path.join(root, "zarr.json")) or p.startswith(slot_a + os.sep)
+               for p in fsynced), fsynced
+    # N chunk files and a/zarr.json, the folders a/c/<i>/0, a/c/<i>, a/c, a, then zarr.json, root
+    assert len(fsynced) == (N + 1) + (2 * N + 2) + 2, len(fsynced)
+    assert fsynced[-1] == root
 
 
 def test_sync_makes_durable_what_complete_checked(tmp_path, monkeypatch):
-    """complete() checks a slot and defers its sync: sync() syncs once for every slot marked since the last one,
-    nothing when none is; a partial slot is refused by complete() and never marked."""
+    """complete() checks a slot and defers its sync: sync() fsyncs every slot marked since the last one, nothing
+    when none is; a partial slot is refused by complete() and never marked."""
     import streamq.calib.store as store_module
 
-    syncs = []
-    monkeypatch.setattr(store_module, "sync_filesystem", lambda path: syncs.append(path) or True)
+    fsynced = []
+    monkeypatch.setattr(store_module, "fsync_path", lambda path: fsynced.append(path))
     store = make("disk", tmp_path, torch.float32)
     for i in range(N - 1):
         store.write("a", i, samples(torch.float32)[i])
     with pytest.raises(StreamqError, match=f"slot a lacks samples \\[{N - 1}\\]"):
         store.complete("a")
     store.sync()
-    assert syncs == []
+    assert fsynced == []
     store.write("a", N - 1, samples(torch.float32)[N - 1])
     store.complete("a")
-    assert syncs == []
+    assert fsynced == []
     store.sync()
+    once = len(fsynced)
     store.sync()
-    assert len(syncs) == 1
-
-
-def test_sync_filesystem_works_here(tmp_path):
-    from streamq.calib.store import sync_filesystem
-
-    assert sync_filesystem(str(tmp_path)) is True  # Linux glibc: the syncfs path is the one taken
+    assert once == (N + 1) + (2 * N + 2) + 2 and len(fsynced) == once
 
 
 def test_reopen_refuses_other_dtype_or_shape(tmp_path):
