@@ -82,11 +82,37 @@ class SpilledList:
             f.close()
 
 
+class BuiltOnRead:
+    """A tail's outputs (quant/stages.py) built when read instead of kept: item k is `linear` applied to the kept
+    input k, shaped as the tail module returns it (a tuple of n with Nones after it; n = 0: the bare tensor).
+    Reading runs the same op on the same tensors the eager build would (bit-identical), and for a tail replayed in
+    one pass only it saves writing its outputs to the scratch file and reading them back. Each read is a new
+    tensor (`fresh`). close() closes the inputs."""
+
+    fresh = True
+
+    def __init__(self, linear, inputs, n: int):
+        self.linear, self.inputs, self.n = linear, inputs, n
+
+    def __getitem__(self, k: int):
+        y = self.linear(self.inputs[k])
+        return (y, *([None] * (self.n - 1))) if self.n else y
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def close(self) -> None:
+        close_kept(self.inputs)
+
+
 def new_kept(where: str | Path | ScratchFiles | None):
     """An empty per-sample list of kept outputs: in RAM (where None) or spilled (a folder, or a pool of files)."""
     return [] if where is None else SpilledList(where)
 
 
 def close_kept(kept) -> None:
-    if isinstance(kept, SpilledList):
+    if isinstance(kept, (SpilledList, BuiltOnRead)):
         kept.close()
