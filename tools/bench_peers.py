@@ -36,8 +36,9 @@ ROWS = {  # name -> (tool, extra flags)
     "llmc-sym": ("llmc", {"bits": 4, "sym": True}),
     "streamq-asym-ao": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups"]),
     "streamq-sym-ao": ("streamq", ["--bits", "4", "--sym", "--act-order", "--static-groups"]),
-    "streamq-asym": ("streamq", ["--bits", "4", "--asym"]),
-    "streamq-sym": ("streamq", ["--bits", "4", "--sym"]),
+    # GPTQ in the columns' own order (the default before act-order became it)
+    "streamq-asym": ("streamq", ["--bits", "4", "--asym", "--no-act-order"]),
+    "streamq-sym": ("streamq", ["--bits", "4", "--sym", "--no-act-order"]),
     "streamq-asym-ao-nots": ("streamq", ["--bits", "4", "--asym", "--act-order", "--static-groups",
                                          "--no-true-sequential"]),
     "llmc-w3-asym": ("llmc", {"bits": 3, "sym": False}),
@@ -55,6 +56,8 @@ ROWS = {  # name -> (tool, extra flags)
     "streamq-w3-asym-mse": ("streamq", ["--bits", "3", "--asym", "--act-order", "--static-groups",
                                         "--grid-search", "mse"]),
     "streamq-default": ("streamq", ["--bits", "4"]),  # whatever the defaults are
+    "streamq-w3-default": ("streamq", ["--bits", "3"]),
+    "streamq-w3-asym": ("streamq", ["--bits", "3", "--asym", "--no-act-order"]),
 }
 
 PEER = r"""
